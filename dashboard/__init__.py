@@ -1,0 +1,1 @@
+"""trakview's Streamlit dashboard (thin: it calls `engine` and draws)."""

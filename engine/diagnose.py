@@ -1,0 +1,76 @@
+"""What a run derives from its scores: top-k influencers, ensemble embeddings, per-pair CLIP
+statistics and the "suspected mislabeled" ranking of training pairs.
+
+Suspected mislabeled pairs are ranked by TRAK self-influence (Koh & Liang 2017; Pruthi et al.
+2020): the score of a training pair for itself, x_i (X^T X + lambda I)^-1 x_i times its out-to-loss
+weight, averaged over checkpoints. A pair whose caption contradicts its image has a large loss
+(out-to-loss weight near 1) and a gradient the rest of the data does not explain (high leverage).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from trak import TRAKer
+
+from engine import embed, store
+
+
+def topk_indices(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per validation pair (column), the k most positive and k most negative training indices.
+
+    Args:
+        scores: (n_train, n_val) TRAK scores.
+
+    Returns:
+        (n_val, k) int32 each: most positive first, and most negative first.
+    """
+    order = np.argsort(-scores, axis=0, kind="stable")  # (n_train, n_val)
+    pos = order[:k].T
+    neg = np.argsort(scores, axis=0, kind="stable")[:k].T
+    return pos.astype(np.int32), neg.astype(np.int32)
+
+
+def self_influence(traker: TRAKer, n_models: int) -> np.ndarray:
+    """(n_train,) mean over checkpoints of x_i . phi_i, times the mean out-to-loss weight."""
+    leverage = 0.0
+    out_to_loss = 0.0
+    for m in range(n_models):
+        traker.saver.load_current_store(m)
+        cur = traker.saver.current_store
+        grads = np.asarray(cur["grads"], dtype=np.float64)  # (n_train, k)
+        feats = np.asarray(cur["features"], dtype=np.float64)  # (n_train, k)
+        leverage = leverage + (grads * feats).sum(1) / n_models
+        out_to_loss = out_to_loss + np.asarray(cur["out_to_loss"], dtype=np.float64)[:, 0] / n_models
+    return (leverage * out_to_loss).astype(np.float32)
+
+
+def finish_run(out: Path, cfg: Any, traker: TRAKer, n_models: int) -> None:
+    """Writes the derived arrays of a run (stages topk, ensemble, diagnose)."""
+    if not store.stage_done(out, "topk"):
+        scores = store.load_npy(store.scores_path(out))
+        pos, neg = topk_indices(scores, cfg.topk)
+        store.save_npy(out / "topk_pos.npy", pos)
+        store.save_npy(out / "topk_neg.npy", neg)
+        store.mark_stage(out, "topk", {"k": cfg.topk})
+    if not store.stage_done(out, "ensemble"):
+        for split in ("train", "val"):
+            for modality in ("image", "text"):
+                per_ckpt = [
+                    store.load_npy(store.checkpoint_embeddings_path(out, split, modality, m))
+                    for m in range(n_models)
+                ]
+                store.save_npy(store.embeddings_path(out, split, modality), embed.ensemble(per_ckpt))
+            img = store.load_npy(store.embeddings_path(out, split, "image"))
+            txt = store.load_npy(store.embeddings_path(out, split, "text"))
+            store.save_npy(out / f"{split}_clip_sim.npy", (img * txt).sum(1).astype(np.float32))
+            store.save_npy(out / f"{split}_margin.npy", embed.margins(img, txt))
+            store.save_npy(out / f"{split}_caption_rank.npy", embed.caption_ranks(img, txt))
+        store.mark_stage(out, "ensemble", {})
+    if not store.stage_done(out, "diagnose"):
+        si = self_influence(traker, n_models)
+        store.save_npy(out / "train_self_influence.npy", si)
+        store.save_npy(out / "suspect_mislabeled.npy", si)
+        store.mark_stage(out, "diagnose", {"suspect_method": "self-influence"})

@@ -1,0 +1,147 @@
+"""Training an ensemble of CLIP checkpoints with the standard contrastive loss.
+
+TRAK averages over several independently trained checkpoints (TRAK paper, Section 3.4), so
+``train_ensemble`` trains M members, each with its own seed (initialisation and data order), and
+saves each in open_clip_train's layout and format: ``OUT/member-K/checkpoints/epoch_N.pt``.
+A member whose final checkpoint exists is skipped; one with an ``epoch_latest.pt`` resumes there.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+from tqdm.auto import tqdm
+
+from engine import models
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """How an ensemble is trained."""
+
+    model: str = "trakview-tiny"  # open_clip architecture or trakview config
+    members: int = 4  # number of independently trained checkpoints
+    epochs: int = 12  # passes over the training set per member
+    batch_size: int = 128  # pairs per contrastive batch
+    lr: float = 2e-3  # peak AdamW learning rate (cosine decay after warm-up)
+    weight_decay: float = 0.05  # AdamW weight decay
+    warmup_steps: int = 30  # linear warm-up steps
+    seed: int = 0  # member K uses seed + K
+    init: str | None = None  # checkpoint to fine-tune from (default: random init)
+    threads: int = 0  # torch CPU threads (0 = torch's default)
+
+
+def member_dir(out: Path, member: int) -> Path:
+    return Path(out) / f"member-{member}" / "checkpoints"
+
+
+def final_checkpoint(out: Path, member: int, epochs: int) -> Path:
+    return member_dir(out, member) / f"epoch_{epochs}.pt"
+
+
+def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * progress))
+
+
+def train_member(
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    cfg: TrainConfig,
+    member: int,
+    out: Path,
+    device: str = "cpu",
+) -> Path:
+    """Trains (or resumes) one ensemble member and returns its final checkpoint path.
+
+    Args:
+        images: (n, 3, H, W) preprocessed training images.
+        tokens: (n, context_length) token ids of the captions.
+        cfg: training settings.
+        member: index of the member; its seed is ``cfg.seed + member``.
+        out: ensemble folder.
+        device: torch device.
+    """
+    final = final_checkpoint(out, member, cfg.epochs)
+    if final.is_file():
+        return final
+    seed = cfg.seed + member
+    bundle = models.create(cfg.model, seed=seed, device=device)
+    model = bundle.model
+    if cfg.init:
+        models.load_into(model, cfg.init)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loss_fn = open_clip.ClipLoss()
+    latest = member_dir(out, member) / "epoch_latest.pt"
+    start_epoch = 0
+    if latest.is_file():
+        meta = models.read_checkpoint_meta(latest)
+        models.load_into(model, latest)
+        optimizer.load_state_dict(meta["optimizer"])
+        start_epoch = int(meta["epoch"])
+        log.info("member %d: resuming after epoch %d", member, start_epoch)
+
+    n = images.shape[0]
+    steps_per_epoch = max(1, n // cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    bar = tqdm(total=total, initial=start_epoch * steps_per_epoch, desc=f"member {member}")
+    model.train()
+    for epoch in range(start_epoch, cfg.epochs):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+        for b in range(steps_per_epoch):
+            step = epoch * steps_per_epoch + b
+            for group in optimizer.param_groups:
+                group["lr"] = _lr_at(step, total, cfg)
+            idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+            img_f, txt_f, scale = model(images[idx].to(device), tokens[idx].to(device))
+            loss = loss_fn(img_f, txt_f, scale)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():  # as open_clip_train: keep the temperature below 100
+                model.logit_scale.clamp_(0, math.log(100))
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch + 1)
+        done = epoch + 1
+        target = final if done == cfg.epochs else latest
+        models.save_checkpoint(
+            target,
+            model,
+            epoch=done,
+            name=cfg.model,
+            optimizer=optimizer if done < cfg.epochs else None,
+            extra={"trakview_train": asdict(cfg), "member": member},
+        )
+    bar.close()
+    latest.unlink(missing_ok=True)
+    model.eval()
+    return final
+
+
+def train_ensemble(
+    images: torch.Tensor, tokens: torch.Tensor, cfg: TrainConfig, out: Path, device: str = "cpu"
+) -> list[Path]:
+    """Trains every member of the ensemble (skipping finished ones); returns checkpoint paths."""
+    if cfg.members < 1:
+        raise ValueError(f"members must be at least 1, got {cfg.members}")
+    if images.shape[0] < cfg.batch_size:
+        raise ValueError(
+            f"the training set has {images.shape[0]} pairs, fewer than one batch "
+            f"({cfg.batch_size}); lower --batch-size"
+        )
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.perf_counter()
+    paths = [train_member(images, tokens, cfg, m, out, device) for m in range(cfg.members)]
+    log.info("trained %d members in %.1f s", cfg.members, time.perf_counter() - t0)
+    return paths
