@@ -1,4 +1,4 @@
-"""`trakview build`: CLIP embeddings and TRAK scores of every training pair for every validation pair.
+"""`trakview build`: CLIP embeddings and TRAK scores of every training pair for every val pair.
 
 Stages (each resumable; a finished stage leaves a marker in ``RUN/stages/``):
 pairs -> embed-M (per checkpoint) -> featurize-M -> finalize-M -> score-M -> scores -> topk ->
@@ -45,7 +45,9 @@ class BuildConfig:
     model: str = "trakview-tiny"  # open_clip architecture of the checkpoints
     checkpoints: list[str] = field(default_factory=list)  # one path per ensemble member
     proj_dim: int = 0  # JL projection dimension; 0 = from the data (n_train/4, 64..1024)
-    grad_params: str = "auto"  # attributed parameters; auto = no-token-embedding on CPU, all on CUDA
+    grad_params: str = (
+        "auto"  # attributed parameters; auto = no-token-embedding on CPU, all on CUDA
+    )
     lambda_reg: float | None = None  # ridge term of X^T X; None = lambda_rel * mean eigenvalue
     lambda_rel: float = 1e-3  # relative ridge term used when lambda_reg is None
     sim_batch_size: int = 256  # simulated batch of the CLIP margin (capped at n_train - 1)
@@ -96,7 +98,9 @@ def _open_run(out: Path, cfg: BuildConfig, identity: dict[str, Any], overwrite: 
             if have.get("config", {}).get(k) != v
         ] + [f"{k} differs" for k in identity if have.get(k) != identity[k]]
         if have.get("format_version") != store.FORMAT_VERSION:
-            diffs.insert(0, f"format version {have.get('format_version')} != {store.FORMAT_VERSION}")
+            diffs.insert(
+                0, f"format version {have.get('format_version')} != {store.FORMAT_VERSION}"
+            )
         if diffs:
             raise store.RunMismatchError(
                 f"run {out} was started with other settings ({'; '.join(diffs[:4])}). "
@@ -207,7 +211,9 @@ def build(
         if not store.stage_done(out, f"finalize-{m}"):
             t = _Timer()
             traker.finalize_features(model_ids=[m])
-            diag = traker.score_computer.diagnostics[-1] if traker.score_computer.diagnostics else {}
+            diag = (
+                traker.score_computer.diagnostics[-1] if traker.score_computer.diagnostics else {}
+            )
             store.mark_stage(out, f"finalize-{m}", {"seconds": t.seconds(), **diag})
         if not store.stage_done(out, f"score-{m}"):
             t = _Timer()

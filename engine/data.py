@@ -87,6 +87,8 @@ def image_tensors(
     return torch.stack([preprocess(load_image(pairs.image_path(i))) for i in items])
 
 
-def tokenize(tokenizer: Callable[[list[str]], torch.Tensor], captions: Sequence[str]) -> torch.Tensor:
+def tokenize(
+    tokenizer: Callable[[list[str]], torch.Tensor], captions: Sequence[str]
+) -> torch.Tensor:
     """Captions -> (n, context_length) int64 token ids (open_clip truncates long captions)."""
     return tokenizer(list(captions))

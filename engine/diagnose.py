@@ -43,7 +43,9 @@ def self_influence(traker: TRAKer, n_models: int) -> np.ndarray:
         grads = np.asarray(cur["grads"], dtype=np.float64)  # (n_train, k)
         feats = np.asarray(cur["features"], dtype=np.float64)  # (n_train, k)
         leverage = leverage + (grads * feats).sum(1) / n_models
-        out_to_loss = out_to_loss + np.asarray(cur["out_to_loss"], dtype=np.float64)[:, 0] / n_models
+        out_to_loss = (
+            out_to_loss + np.asarray(cur["out_to_loss"], dtype=np.float64)[:, 0] / n_models
+        )
     return (leverage * out_to_loss).astype(np.float32)
 
 
@@ -62,7 +64,9 @@ def finish_run(out: Path, cfg: Any, traker: TRAKer, n_models: int) -> None:
                     store.load_npy(store.checkpoint_embeddings_path(out, split, modality, m))
                     for m in range(n_models)
                 ]
-                store.save_npy(store.embeddings_path(out, split, modality), embed.ensemble(per_ckpt))
+                store.save_npy(
+                    store.embeddings_path(out, split, modality), embed.ensemble(per_ckpt)
+                )
             img = store.load_npy(store.embeddings_path(out, split, "image"))
             txt = store.load_npy(store.embeddings_path(out, split, "text"))
             store.save_npy(out / f"{split}_clip_sim.npy", (img * txt).sum(1).astype(np.float32))

@@ -7,10 +7,12 @@ Checkpoints are read in the formats open_clip users already have: open_clip_trai
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +70,17 @@ class ClipBundle:
         return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def available_models() -> list[str]:
     """Every architecture name ``create`` accepts (open_clip's and trakview's)."""
     return sorted(open_clip.list_models())
@@ -91,9 +104,11 @@ def create(name: str, seed: int | None = None, device: str = "cpu") -> ClipBundl
         )
     if seed is not None:
         torch.manual_seed(seed)
-    model, _, preprocess = open_clip.create_model_and_transforms(name, device=device)
+    with _quiet_root_logger():  # open_clip logs every step of model creation on the root logger
+        model, _, preprocess = open_clip.create_model_and_transforms(name, device=device)
+        tokenizer = open_clip.get_tokenizer(name)
     model.eval()
-    return ClipBundle(name, model, preprocess, open_clip.get_tokenizer(name))
+    return ClipBundle(name, model, preprocess, tokenizer)
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -140,7 +155,9 @@ def check_fits(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source
                 f"{key} has shape {tuple(state[key].shape)} in the checkpoint "
                 f"but {tuple(tensor.shape)} in the model"
             )
-    problems += [f"{k} is in the checkpoint but not in the model" for k in state if k not in expected]
+    problems += [
+        f"{k} is in the checkpoint but not in the model" for k in state if k not in expected
+    ]
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise CheckpointMismatchError(
@@ -175,7 +192,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Writes ``model`` atomically in open_clip_train's format (``epoch``, ``name``, ``state_dict``).
+    """Writes ``model`` atomically in open_clip_train's format (epoch, name, state_dict).
 
     A ``.safetensors`` path gets the bare weights instead (safetensors holds tensors only).
     """

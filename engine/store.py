@@ -130,7 +130,7 @@ def stage_path(run: Path, stage: str) -> Path:
 
 
 def embeddings_path(run: Path, split: str, modality: str) -> Path:
-    """Ensemble embeddings: (n, M*d) float32, each checkpoint's L2-normalised embedding / sqrt(M)."""
+    """Ensemble embeddings: (n, M*d) float32, each checkpoint's unit embedding / sqrt(M)."""
     return run / f"{split}_{modality}_emb.npy"
 
 

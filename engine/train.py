@@ -29,9 +29,9 @@ class TrainConfig:
 
     model: str = "trakview-tiny"  # open_clip architecture or trakview config
     members: int = 4  # number of independently trained checkpoints
-    epochs: int = 12  # passes over the training set per member
+    epochs: int = 15  # passes over the training set per member
     batch_size: int = 128  # pairs per contrastive batch
-    lr: float = 2e-3  # peak AdamW learning rate (cosine decay after warm-up)
+    lr: float = 3e-3  # peak AdamW learning rate (cosine decay after warm-up)
     weight_decay: float = 0.05  # AdamW weight decay
     warmup_steps: int = 30  # linear warm-up steps
     seed: int = 0  # member K uses seed + K

@@ -13,7 +13,7 @@ traker 0.3.2's stock CLIP pipeline has defects on CPU and for CLIP in general (s
   through its looked-up rows: its per-sample gradient touches only the caption's tokens.
 - ``KeyedProjector`` (``AbstractProjector``): a Gaussian JL projection whose blocks are keyed by
   parameter name (and token id for the token embedding), generated once and kept in memory.
-- ``RegularizedScoreComputer`` (``AbstractScoreComputer``): X (X^T X + lambda I)^-1 solved in float64,
+- ``RegularizedScoreComputer`` (``AbstractScoreComputer``): X (X^T X + lambda I)^-1 in float64,
   lambda chosen from the data when not given, with the conditioning recorded and warned about.
 """
 
@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from trak.gradient_computers import AbstractGradientComputer
 from trak.modelout_functions import AbstractModelOutput
 from trak.projectors import AbstractProjector, ProjectionType
@@ -42,7 +43,7 @@ MAX_CONDITION = 1e7
 
 
 class SimulatedBatch:
-    """The simulated batch of the CLIP margin: for each pair, which training pairs it is scored against.
+    """The simulated batch of the CLIP margin: which training pairs each pair is scored against.
 
     Training pair ``i`` of checkpoint ``m`` gets ``size`` distinct training pairs drawn uniformly
     from the other ``n - 1`` (never itself), from a generator seeded by ``(seed, m, i)``: the draw
@@ -234,8 +235,13 @@ class SelectiveGradientComputer(AbstractGradientComputer):
             self._offset = None
 
     def _per_sample_output(
-        self, dense: dict[str, Tensor], offset: Tensor | None, image: Tensor, text: Tensor,
-        sim_image: Tensor, sim_text: Tensor,
+        self,
+        dense: dict[str, Tensor],
+        offset: Tensor | None,
+        image: Tensor,
+        text: Tensor,
+        sim_image: Tensor,
+        sim_text: Tensor,
     ) -> Tensor:
         self._offset = offset
         weights = {**self.params, **dense}
@@ -254,7 +260,8 @@ class SelectiveGradientComputer(AbstractGradientComputer):
         argnums = (0, 1) if offset is not None else 0
         grad_fn = torch.func.grad(self._per_sample_output, argnums=argnums)
         in_dims = (None, 0 if offset is not None else None, 0, 0, 0, 0)
-        with self._token_offset_hook():
+        # Math attention: the fused kernels have no vmap batching rule and fall back to a loop.
+        with self._token_offset_hook(), sdpa_kernel(SDPBackend.MATH):
             grads = torch.func.vmap(grad_fn, in_dims=in_dims)(
                 dense, offset, image, text, sim_image, sim_text
             )
@@ -326,7 +333,7 @@ class KeyedProjector(AbstractProjector):
             if self._dense is None:
                 self._dense = torch.cat([self.dense_block(n) for n in self.dense_names])
             return torch.cat(flat, 1) @ self._dense  # (B, D) @ (D, k)
-        return sum(g @ self.dense_block(n) for n, g in zip(self.dense_names, flat))
+        return sum(g @ self.dense_block(n) for n, g in zip(self.dense_names, flat, strict=True))
 
     def _project_tokens(self, token_grads: Tensor, ids: Tensor) -> Tensor:
         unique, inverse = torch.unique(ids, return_inverse=True)  # (U,), (B, L)
@@ -385,14 +392,24 @@ class RegularizedScoreComputer(AbstractScoreComputer):
             lam = self.lambda_rel * float(eig.sum()) / k
         rank = int((eig > eig.max() * k * torch.finfo(torch.float32).eps).sum())
         cond = float((eig.max() + lam) / (eig.min() + lam)) if eig.max() + lam > 0 else float("inf")
-        info = {"rank": rank, "proj_dim": k, "n_train": grads.shape[0], "lambda": lam,
-                "condition": cond}
+        info = {
+            "rank": rank,
+            "proj_dim": k,
+            "n_train": grads.shape[0],
+            "lambda": lam,
+            "condition": cond,
+        }
         self.diagnostics.append(info)
         if cond > MAX_CONDITION or (rank < k and lam == 0):
             log.warning(
                 "X^T X is badly conditioned (rank %d of %d over %d training pairs, condition "
                 "%.3g with lambda %.3g): scores may be noise. Lower --proj-dim (at most about "
-                "n_train / 4) or raise --lambda-reg.", rank, k, grads.shape[0], cond, lam,
+                "n_train / 4) or raise --lambda-reg.",
+                rank,
+                k,
+                grads.shape[0],
+                cond,
+                lam,
             )
         reg = xtx + lam * torch.eye(k, dtype=torch.float64, device=xtx.device)
         chol = torch.linalg.cholesky(reg)

@@ -1,0 +1,198 @@
+"""The ``trakview`` command line: demo | train | build | info.
+
+Every command turns its flags into the engine's config dataclasses; errors from bad input are
+printed as one line (``error: ...``) with exit status 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from engine import data, models
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="trakview: why does a CLIP model match this image and caption? Answered with TRAK.",
+)
+log = logging.getLogger("engine")
+
+# Errors that come from the user's input or environment; anything else is a bug and keeps its
+# traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("engine").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")]
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the demo's data, models and run.")] = Path(
+        "demo-run"
+    ),
+    no_serve: Annotated[
+        bool, typer.Option("--no-serve", help="Build everything but do not open the dashboard.")
+    ] = False,
+    n_train: Annotated[int, typer.Option(help="Training pairs of the generated world.")] = 3000,
+    n_val: Annotated[int, typer.Option(help="Validation pairs of the generated world.")] = 300,
+    members: Annotated[int, typer.Option(help="CLIP checkpoints to train (ensemble size).")] = 4,
+    epochs: Annotated[int, typer.Option(help="Training epochs per checkpoint.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the world, training and attribution.")] = 0,
+    verbose: Verbose = False,
+) -> None:
+    """Generate the demo world, train a tiny CLIP ensemble on it and build its attribution run."""
+    from engine import demo as demo_mod
+
+    _setup_logging(verbose)
+    cfg = demo_mod.DemoConfig(n_train=n_train, n_val=n_val, members=members, seed=seed)
+    if epochs:
+        cfg.epochs = epochs
+    run = demo_mod.run_demo(cfg, out)
+    typer.echo(f"demo run ready: {run}")
+    typer.echo(f"inspect it with: trakview info {run}")
+    if not no_serve:
+        typer.echo("(the dashboard arrives with `trakview serve`; nothing to open yet)")
+
+
+@app.command()
+def train(
+    train_data: Annotated[Path, typer.Option(help="Training pairs (.jsonl: id, caption, image).")],
+    out: Annotated[Path, typer.Option(help="Folder for the ensemble (member-K/checkpoints/).")],
+    model: Annotated[str, typer.Option(help="open_clip architecture or trakview config.")] = (
+        "trakview-tiny"
+    ),
+    members: Annotated[int, typer.Option(help="Number of checkpoints (own seed each).")] = 4,
+    epochs: Annotated[int, typer.Option(help="Epochs per member.")] = 15,
+    batch_size: Annotated[int, typer.Option(help="Pairs per contrastive batch.")] = 128,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 3e-3,
+    seed: Annotated[int, typer.Option(help="Member K is trained with seed + K.")] = 0,
+    init: Annotated[
+        Path | None, typer.Option(help="Checkpoint to fine-tune from (default: random init).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    verbose: Verbose = False,
+) -> None:
+    """Train an ensemble of CLIP checkpoints (resumable per member)."""
+    from engine import train as train_mod
+
+    _setup_logging(verbose)
+    cfg = train_mod.TrainConfig(
+        model=model,
+        members=members,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        init=str(init) if init else None,
+    )
+    pairs = data.read_pairs(train_data)
+    bundle = models.create(model)
+    images = data.image_tensors(pairs, bundle.preprocess)
+    tokens = data.tokenize(bundle.tokenizer, pairs.captions)
+    for path in train_mod.train_ensemble(images, tokens, cfg, out, device=device):
+        typer.echo(str(path))
+
+
+@app.command()
+def build(
+    train_data: Annotated[Path, typer.Option(help="Training pairs (.jsonl).")],
+    val_data: Annotated[Path, typer.Option(help="Validation pairs to explain (.jsonl).")],
+    checkpoint: Annotated[
+        list[Path], typer.Option(help="Checkpoint of one ensemble member (repeat the flag).")
+    ],
+    out: Annotated[Path, typer.Option(help="Run directory to create or resume.")],
+    model: Annotated[str, typer.Option(help="open_clip architecture of the checkpoints.")] = (
+        "trakview-tiny"
+    ),
+    proj_dim: Annotated[int, typer.Option(help="JL dimension; 0 = n_train/4 (64..1024).")] = 0,
+    grad_params: Annotated[
+        str,
+        typer.Option(
+            help="Attributed parameters: auto (no-token-embedding on CPU, all on CUDA), all, "
+            "no-token-embedding, visual, text, or comma-separated name prefixes."
+        ),
+    ] = "auto",
+    lambda_reg: Annotated[
+        float | None, typer.Option(help="Ridge term; default: lambda-rel * mean eigenvalue.")
+    ] = None,
+    lambda_rel: Annotated[
+        float, typer.Option(help="Relative ridge term (see --lambda-reg).")
+    ] = 1e-3,
+    sim_batch_size: Annotated[int, typer.Option(help="Simulated batch of the CLIP margin.")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Pairs per gradient batch.")] = 50,
+    topk: Annotated[
+        int, typer.Option(help="Influencers stored per validation pair and sign.")
+    ] = 50,
+    seed: Annotated[int, typer.Option(help="Seed of simulated batches and projection.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    half: Annotated[bool, typer.Option(help="float16 features (CUDA only).")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Start the run again if OUT holds one with other settings.")
+    ] = False,
+    verbose: Verbose = False,
+) -> None:
+    """Compute embeddings, TRAK scores and top influencers into a run directory (resumable)."""
+    from engine import attribute
+
+    _setup_logging(verbose)
+    cfg = attribute.BuildConfig(
+        model=model,
+        checkpoints=[str(p) for p in checkpoint],
+        proj_dim=proj_dim,
+        grad_params=grad_params,
+        lambda_reg=lambda_reg,
+        lambda_rel=lambda_rel,
+        sim_batch_size=sim_batch_size,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        half=half,
+        topk=topk,
+    )
+    run = attribute.build(
+        data.read_pairs(train_data), data.read_pairs(val_data), cfg, out, overwrite=overwrite
+    )
+    typer.echo(f"run ready: {run}")
+
+
+@app.command()
+def info(
+    run: Annotated[Path, typer.Argument(help="A run directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the whole manifest.")] = False,
+) -> None:
+    """Summarise a run directory: model, checkpoints, sizes, settings and timings."""
+    from engine import runs
+
+    manifest = runs.read_manifest(run)
+    if as_json:
+        typer.echo(json.dumps(manifest, indent=2))
+        return
+    typer.echo(runs.summary(manifest))
+
+
+def main() -> None:
+    """Console entry point: one-line errors for bad input."""
+    try:
+        app()
+    except USER_ERRORS as err:
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; run the same command again to resume", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Shared fixtures: a small demo world, a tiny trained ensemble and a run built from them.
+
+Everything is built once per session in a temporary folder and is deterministic.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import attribute, data, models, store, synthetic, train
+
+SMALL_WORLD = synthetic.WorldConfig(n_train=240, n_val=40, seed=3, near_duplicate_fraction=0.1)
+SMALL_TRAIN = train.TrainConfig(members=2, epochs=4, batch_size=60, lr=3e-3, warmup_steps=4)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cwd(tmp_path, monkeypatch):
+    """Every test runs in its own temporary working directory."""
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _two_threads():
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def world_dir(tmp_path_factory) -> Path:
+    """The small world on disk: train.jsonl, val.jsonl and PNGs."""
+    folder = tmp_path_factory.mktemp("world")
+    world = synthetic.generate_world(SMALL_WORLD)
+    store.save_pairs(folder, "train", world.train, world.train_images)
+    store.save_pairs(folder, "val", world.val, world.val_images)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def pairs(world_dir) -> tuple[data.PairSet, data.PairSet]:
+    return data.read_pairs(world_dir / "train.jsonl"), data.read_pairs(world_dir / "val.jsonl")
+
+
+@pytest.fixture(scope="session")
+def tensors(pairs):
+    """Preprocessed images and tokens of both splits for trakview-tiny."""
+    bundle = models.create("trakview-tiny")
+    train_pairs, val_pairs = pairs
+    return {
+        "train": (
+            data.image_tensors(train_pairs, bundle.preprocess, progress=False),
+            data.tokenize(bundle.tokenizer, train_pairs.captions),
+        ),
+        "val": (
+            data.image_tensors(val_pairs, bundle.preprocess, progress=False),
+            data.tokenize(bundle.tokenizer, val_pairs.captions),
+        ),
+    }
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory, tensors) -> list[Path]:
+    """A tiny two-member ensemble trained on the small world."""
+    folder = tmp_path_factory.mktemp("ensemble")
+    images, tokens = tensors["train"]
+    return train.train_ensemble(images, tokens, SMALL_TRAIN, folder)
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory, pairs, checkpoints) -> Path:
+    """A finished run on the small world."""
+    out = tmp_path_factory.mktemp("run") / "run"
+    cfg = attribute.BuildConfig(checkpoints=[str(p) for p in checkpoints], topk=20)
+    return attribute.build(*pairs, cfg, out)
