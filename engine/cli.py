@@ -1,4 +1,4 @@
-"""The ``trakview`` command line: demo | train | build | info.
+"""The ``trakview`` command line: demo | train | build | query | info.
 
 Every command turns its flags into the engine's config dataclasses; errors from bad input are
 printed as one line (``error: ...``) with exit status 2, never as a traceback.
@@ -165,6 +165,37 @@ def build(
         data.read_pairs(train_data), data.read_pairs(val_data), cfg, out, overwrite=overwrite
     )
     typer.echo(f"run ready: {run}")
+
+
+@app.command()
+def query(
+    run: Annotated[Path, typer.Argument(help="A run directory.")],
+    image: Annotated[Path, typer.Option(help="The query image (any format PIL reads).")],
+    caption: Annotated[str, typer.Option(help="The caption the image should match.")],
+    k: Annotated[int, typer.Option("-k", help="Influencers per sign.")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Top positive and negative training influencers of a new image and caption."""
+    from engine.query import QueryEngine
+
+    _setup_logging(False)
+    result = QueryEngine.load(run, device=device).query(image, caption, k=k)
+    if as_json:
+        typer.echo(json.dumps(result.to_json(), indent=2))
+        return
+    for note in result.notes:
+        typer.echo(f"note: {note}")
+    typer.echo(f"caption          {result.caption!r}")
+    typer.echo(f"CLIP similarity  {result.clip_similarity:.3f}   margin {result.margin:.3f}")
+    for title, cards in (
+        ("helps most", result.positive),
+        ("hurts most", result.negative),
+        ("most similar (CLIP)", result.similar),
+    ):
+        typer.echo(f"\n{title}:")
+        for c in cards:
+            typer.echo(f"  {c.rank:>3}  {c.score:+.4g}  {c.id:<10} {c.caption}")
 
 
 @app.command()

@@ -92,3 +92,66 @@ def tokenize(
 ) -> torch.Tensor:
     """Captions -> (n, context_length) int64 token ids (open_clip truncates long captions)."""
     return tokenizer(list(captions))
+
+
+class InputError(ValueError):
+    """A query image or caption that cannot be used."""
+
+
+# Pixels above which an image is refused (decompression bombs): 40 megapixels.
+MAX_PIXELS = 40_000_000
+
+
+def open_query_image(
+    source: str | os.PathLike | bytes, max_pixels: int = MAX_PIXELS
+) -> Image.Image:
+    """Opens a user's image (a path or the bytes of a file) as RGB, checking it first.
+
+    Raises:
+        InputError: missing or unreadable file, not an image, or more than ``max_pixels`` pixels.
+    """
+    import io
+
+    name = "the uploaded file" if isinstance(source, bytes) else str(source)
+    if not isinstance(source, bytes) and not Path(source).is_file():
+        raise InputError(f"image {name} does not exist or is not a file")
+    try:
+        handle = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
+    except OSError as err:
+        raise InputError(f"cannot read image {name}: {err.strerror}") from err
+    with handle:
+        try:
+            with Image.open(handle) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise InputError(
+                        f"image {name} has {width}x{height} = {width * height:,} pixels, more than "
+                        f"the limit of {max_pixels:,}; downscale it first"
+                    )
+                return img.convert("RGB")
+        except InputError:
+            raise
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            raise InputError(
+                f"{name} is not an image PIL can read ({type(err).__name__}: {err}); "
+                "expected a PNG, JPEG, WebP, ... file"
+            ) from err
+
+
+def check_caption(
+    caption: str, tokenizer: Callable[..., torch.Tensor], context_length: int
+) -> list[str]:
+    """Checks a query caption; returns notes for the user (e.g. that it will be truncated).
+
+    Raises:
+        InputError: an empty caption.
+    """
+    if not caption or not caption.strip():
+        raise InputError("the caption is empty; give the text the image should match")
+    notes = []
+    encode = getattr(tokenizer, "encode", None)
+    if encode is not None:
+        n_tokens = len(encode(caption.strip())) + 2  # start and end tokens
+        if n_tokens > context_length:
+            notes.append(f"caption truncated: {n_tokens} tokens, the model reads {context_length}")
+    return notes

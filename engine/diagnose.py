@@ -16,6 +16,7 @@ import numpy as np
 from trak import TRAKer
 
 from engine import embed, store
+from engine.trak import SimulatedBatch
 
 
 def topk_indices(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -49,6 +50,39 @@ def self_influence(traker: TRAKer, n_models: int) -> np.ndarray:
     return (leverage * out_to_loss).astype(np.float32)
 
 
+def ensemble_margin(out: Path, cfg: Any, split: str, n_models: int) -> np.ndarray:
+    """(n,) the CLIP margin (the attributed model output) averaged over checkpoints.
+
+    Each checkpoint uses the simulated batches of the build: training pairs their own,
+    validation pairs the shared target batch.
+    """
+    n_train = store.load_npy(store.checkpoint_embeddings_path(out, "train", "image", 0)).shape[0]
+    sim = SimulatedBatch(n_train, cfg.sim_batch_size, seed=cfg.seed)
+    total = 0.0
+    for m in range(n_models):
+        emb = {
+            (s, mod): store.load_npy(store.checkpoint_embeddings_path(out, s, mod, m))
+            for s in {"train", split}
+            for mod in ("image", "text")
+        }
+        n = emb[(split, "image")].shape[0]
+        parts = []
+        for s in range(0, n, 4096):  # bounded memory: (chunk, S, d) batch embeddings at a time
+            rows = range(s, min(n, s + 4096))
+            idx = sim.for_train(rows, m) if split == "train" else sim.for_targets(len(rows), m)
+            idx = idx.numpy()
+            parts.append(
+                embed.clip_margin(
+                    emb[(split, "image")][rows.start : rows.stop],
+                    emb[(split, "text")][rows.start : rows.stop],
+                    emb[("train", "image")][idx],
+                    emb[("train", "text")][idx],
+                )
+            )
+        total = total + np.concatenate(parts)
+    return (total / n_models).astype(np.float32)
+
+
 def finish_run(out: Path, cfg: Any, traker: TRAKer, n_models: int) -> None:
     """Writes the derived arrays of a run (stages topk, ensemble, diagnose)."""
     if not store.stage_done(out, "topk"):
@@ -70,7 +104,7 @@ def finish_run(out: Path, cfg: Any, traker: TRAKer, n_models: int) -> None:
             img = store.load_npy(store.embeddings_path(out, split, "image"))
             txt = store.load_npy(store.embeddings_path(out, split, "text"))
             store.save_npy(out / f"{split}_clip_sim.npy", (img * txt).sum(1).astype(np.float32))
-            store.save_npy(out / f"{split}_margin.npy", embed.margins(img, txt))
+            store.save_npy(out / f"{split}_margin.npy", ensemble_margin(out, cfg, split, n_models))
             store.save_npy(out / f"{split}_caption_rank.npy", embed.caption_ranks(img, txt))
         store.mark_stage(out, "ensemble", {})
     if not store.stage_done(out, "diagnose"):

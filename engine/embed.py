@@ -48,15 +48,27 @@ def ensemble(per_checkpoint: list[np.ndarray]) -> np.ndarray:
     return (np.concatenate(per_checkpoint, axis=1) / np.sqrt(m)).astype(np.float32)  # (n, M*d)
 
 
-def margins(image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
-    """Per pair, the CLIP margin over all pairs of the split: S_ii minus the largest other S_ij.
+def clip_margin(
+    image_emb: np.ndarray, text_emb: np.ndarray, sim_image: np.ndarray, sim_text: np.ndarray
+) -> np.ndarray:
+    """The TRAK paper's CLIP margin (Section 5.1.1) of each pair over its simulated batch:
 
-    A positive margin means the image's own caption beats every other caption of the split.
+    f_i = -logsumexp_j(S_ij - S_ii) - logsumexp_j(S_ji - S_ii), j over the batch. This is the
+    model output that TRAK scores attribute; higher = the pair matches better than the batch.
+
+    Args:
+        image_emb, text_emb: (n, d) unit embeddings of the pairs.
+        sim_image, sim_text: (n, S, d) unit embeddings of each pair's simulated batch.
     """
-    sim = image_emb @ text_emb.T  # (n, n)
-    diag = np.diag(sim).copy()
-    np.fill_diagonal(sim, -np.inf)
-    return (diag - sim.max(axis=1)).astype(np.float32)
+    s_ii = (image_emb * text_emb).sum(-1, keepdims=True)  # (n, 1)
+    s_ij = np.einsum("nd,nsd->ns", image_emb, sim_text) - s_ii  # (n, S)
+    s_ji = np.einsum("nd,nsd->ns", text_emb, sim_image) - s_ii
+    return (-_logsumexp(s_ij) - _logsumexp(s_ji)).astype(np.float32)
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    top = x.max(axis=1, keepdims=True)
+    return (top + np.log(np.exp(x - top).sum(axis=1, keepdims=True)))[:, 0]
 
 
 def caption_ranks(image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:

@@ -156,3 +156,49 @@ def mark_stage(run: Path, stage: str, info: dict[str, Any]) -> None:
 
 def read_stage(run: Path, stage: str) -> dict[str, Any]:
     return read_json(stage_path(run, stage))
+
+
+# --- search indexes (engine/index.py) ----------------------------------------------------------
+
+
+def trak_features_path(run: Path, model_id: int) -> Path:
+    """traker's finalized features of checkpoint ``model_id``: (n_train, proj_dim) npy memmap."""
+    return trak_dir(run) / str(model_id) / "features.mmap"
+
+
+def trak_out_to_loss_path(run: Path, model_id: int) -> Path:
+    """traker's out-to-loss weights of checkpoint ``model_id``: (n_train, 1) npy memmap."""
+    return trak_dir(run) / str(model_id) / "out_to_loss.mmap"
+
+
+def trak_target_grads_path(run: Path, model_id: int, experiment: str = "val") -> Path:
+    """traker's projected target gradients: (n_targets, proj_dim) npy memmap."""
+    return trak_dir(run) / str(model_id) / f"{experiment}_grads.mmap"
+
+
+def index_dir(run: Path) -> Path:
+    return run / "index"
+
+
+def index_path(run: Path, name: str) -> Path:
+    """A faiss index of the run (``trak``, ``train_image``, ``val_text``, ...)."""
+    return index_dir(run) / f"{name}.faiss"
+
+
+def index_meta_path(run: Path) -> Path:
+    """What each index of the run is: kind, parameters, sizes, recall, sources."""
+    return index_dir(run) / "index.json"
+
+
+def save_faiss_index(path: str | os.PathLike, index: Any) -> None:
+    """Writes a (CPU) faiss index atomically."""
+    import faiss
+
+    with atomic_path(path) as tmp:
+        faiss.write_index(index, str(tmp))
+
+
+def load_faiss_index(path: str | os.PathLike) -> Any:
+    import faiss
+
+    return faiss.read_index(str(path))

@@ -1,0 +1,289 @@
+"""Influencers of a new image–caption pair, computed exactly as the build scored its targets.
+
+``QueryEngine.load(run)`` pays the costs once (checkpoints, projection matrix, TRAK features);
+``engine.query(image, caption)`` then computes the pair's projected gradient for every checkpoint
+with the build's model output, simulated-batch rule, parameters and projection, and scores every
+training pair: score_i = mean_m(phi_m[i] . g_m) * mean_m(out_to_loss_m[i]) (TRAK paper, eq. 9 /
+traker's ``finalize_scores``). ``engine.for_val(j)`` reads a validation pair's stored scores.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from engine import data, embed, models, runs, store
+from engine.trak import (
+    ClipMargin,
+    KeyedProjector,
+    SelectiveGradientComputer,
+    SimulatedBatch,
+    select_parameters,
+)
+
+
+@dataclass
+class Influencer:
+    """One training pair in a gallery."""
+
+    rank: int  # 1 = strongest
+    sign: str  # "positive", "negative" or "similar" (nearest by CLIP similarity)
+    index: int  # row in train.jsonl / scores.npy
+    id: str
+    caption: str
+    image: str  # path as stored in train.jsonl (relative to the run directory, or absolute)
+    score: float  # TRAK score, or the CLIP similarity for "similar"
+
+
+@dataclass
+class QueryResult:
+    """A target (a validation pair or a new query) and its influencers."""
+
+    caption: str
+    positive: list[Influencer]
+    negative: list[Influencer]
+    similar: list[Influencer]  # nearest training pairs by CLIP similarity (image to image)
+    clip_similarity: float  # mean cosine of the target's image and caption over the ensemble
+    margin: float  # the CLIP margin (the attributed model output), mean over checkpoints
+    scores: np.ndarray = field(repr=False)  # (n_train,) TRAK score of every training pair
+    train_similarity: np.ndarray = field(repr=False)  # (n_train,) CLIP similarity to the target
+    val_id: str | None = None
+    image: str | None = None  # the validation pair's image path, when it is one
+    notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """Everything but the full arrays, as plain JSON types."""
+        out = asdict(self)
+        out.pop("scores")
+        out.pop("train_similarity")
+        return out
+
+
+class QueryEngine:
+    """A loaded run: checkpoints, projection and TRAK features, ready for queries."""
+
+    def __init__(self, run: Path, device: str = "cpu") -> None:
+        self.run = Path(run)
+        self.manifest = runs.read_manifest(self.run)
+        self.cfg = self.manifest["config"]
+        self.device = device
+        self.train = store.read_jsonl(store.pairs_path(self.run, "train"))
+        self.val = store.read_jsonl(store.pairs_path(self.run, "val"))
+        self.val_index = {str(r["id"]): j for j, r in enumerate(self.val)}
+        self.n_models = self.manifest["counts"]["n_checkpoints"]
+        self.scores = store.load_npy(store.scores_path(self.run), mmap=True)  # (n_train, n_val)
+        self.train_image_emb = store.load_npy(store.embeddings_path(self.run, "train", "image"))
+        self.val_image_emb = store.load_npy(store.embeddings_path(self.run, "val", "image"))
+        self.val_clip_sim = store.load_npy(self.run / "val_clip_sim.npy")
+        self.val_margin = store.load_npy(self.run / "val_margin.npy")
+        self._models: list[dict[str, Any]] | None = None
+
+    @classmethod
+    def load(cls, run: str | os.PathLike, device: str = "cpu") -> QueryEngine:
+        """Opens a run; checkpoints and features are loaded on the first new query."""
+        return cls(Path(run), device)
+
+    # --- stored targets ------------------------------------------------------------------------
+
+    def val_position(self, val_id: str) -> int:
+        """Row of a validation id, with a clear error for an unknown one."""
+        if str(val_id) not in self.val_index:
+            examples = ", ".join(list(self.val_index)[:3])
+            raise data.InputError(
+                f"unknown validation id {val_id!r}; ids look like {examples} (see val.jsonl)"
+            )
+        return self.val_index[str(val_id)]
+
+    def for_val(self, val_id: str, k: int = 10) -> QueryResult:
+        """A validation pair's influencers from the stored scores (nothing is recomputed)."""
+        j = self.val_position(val_id)
+        rec = self.val[j]
+        column = np.asarray(self.scores[:, j], dtype=np.float32)
+        similarity = self.train_image_emb @ self.val_image_emb[j]  # (n_train,)
+        return self._result(
+            rec["caption"],
+            column,
+            similarity,
+            float(self.val_clip_sim[j]),
+            float(self.val_margin[j]),
+            k,
+            val_id=str(rec["id"]),
+            image=rec["image"],
+        )
+
+    # --- new queries ---------------------------------------------------------------------------
+
+    def _load_models(self) -> list[dict[str, Any]]:
+        """Per checkpoint: model, gradient computer and TRAK features (once per engine)."""
+        if self._models is not None:
+            return self._models
+        self.bundle = models.create(self.cfg["model"], device=self.device)
+        names = select_parameters(self.bundle.model, self.cfg["grad_params"])
+        shapes = {n: tuple(p.shape) for n, p in self.bundle.model.named_parameters() if n in names}
+        token = next((n for n in names if n.endswith("token_embedding.weight")), None)
+        self.projector = KeyedProjector(
+            shapes, token, self.cfg["proj_dim"], seed=self.cfg["seed"], device=self.device
+        )
+        # traker divides projected gradients by sqrt(#attributed parameters) (TRAKer.featurize)
+        self.normalize = math.sqrt(sum(int(np.prod(s)) for s in shapes.values()))
+        self.sim = SimulatedBatch(
+            len(self.train), self.cfg["sim_batch_size"], seed=self.cfg["seed"]
+        )
+        loaded = []
+        out_to_loss = 0.0
+        for m, ckpt in enumerate(self.manifest["checkpoints"]):
+            bundle = models.create(self.cfg["model"], device=self.device)
+            models.load_into(bundle.model, ckpt["path"])
+            task = ClipMargin()
+            task.set_embeddings(
+                torch.from_numpy(
+                    store.load_npy(store.checkpoint_embeddings_path(self.run, "train", "image", m))
+                ),
+                torch.from_numpy(
+                    store.load_npy(store.checkpoint_embeddings_path(self.run, "train", "text", m))
+                ),
+            )
+            computer = SelectiveGradientComputer(
+                bundle.model, task, 0, torch.float32, self.device, grad_wrt=names
+            )
+            trak_m = store.trak_dir(self.run) / str(m)
+            features = np.load(trak_m / "features.mmap", mmap_mode="r")  # (n_train, k)
+            out_to_loss = out_to_loss + np.load(trak_m / "out_to_loss.mmap")[:, 0] / self.n_models
+            loaded.append(
+                {
+                    "model": bundle.model,
+                    "task": task,
+                    "computer": computer,
+                    "features": np.ascontiguousarray(features, dtype=np.float32),
+                }
+            )
+        self.out_to_loss = np.asarray(out_to_loss, dtype=np.float32)  # (n_train,)
+        self._models = loaded
+        return loaded
+
+    def target_gradients(
+        self, image: Image.Image, caption: str
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """Projected gradients of the pair's CLIP margin for every checkpoint.
+
+        Returns:
+            (M, proj_dim) projected gradients; the pair's ensemble image embedding (M*d,);
+            and its mean CLIP similarity, mean margin and timings.
+        """
+        loaded = self._load_models()
+        x = self.bundle.preprocess(image).unsqueeze(0).to(self.device)  # (1, 3, H, W)
+        t = data.tokenize(self.bundle.tokenizer, [caption.strip()]).to(self.device)  # (1, L)
+        grads, images, sims, margins = [], [], [], []
+        t0 = time.perf_counter()
+        for m, item in enumerate(loaded):
+            sim_idx = self.sim.for_targets(1, m).to(self.device)  # the build's target batch
+            grads.append(item["computer"].compute_per_sample_grad((x, t, sim_idx)))
+            img, txt = embed.encode(item["model"], x, t, device=self.device)  # (1, d) each
+            sim_img, sim_txt = item["task"]._sim(sim_idx)
+            images.append(img.numpy())
+            sims.append(float((img * txt).sum()))
+            margins.append(
+                float(
+                    embed.clip_margin(
+                        img.numpy(), txt.numpy(), sim_img.cpu().numpy(), sim_txt.cpu().numpy()
+                    )[0]
+                )
+            )
+        t1 = time.perf_counter()
+        # One projection for all checkpoints: the projection matrix is read from memory once.
+        stacked = {
+            "dense": {n: torch.cat([g["dense"][n] for g in grads]) for n in grads[0]["dense"]},
+            "token": None if grads[0]["token"] is None else torch.cat([g["token"] for g in grads]),
+            "ids": torch.cat([g["ids"] for g in grads]),
+        }
+        projected = self.projector.project(stacked, model_id=0) / self.normalize  # (M, k)
+        info = {
+            "clip_similarity": float(np.mean(sims)),
+            "margin": float(np.mean(margins)),
+            "timings": {"gradient": t1 - t0, "projection": time.perf_counter() - t1},
+        }
+        return projected.cpu().numpy(), embed.ensemble(images)[0], info
+
+    def query(
+        self, image: Image.Image | str | os.PathLike | bytes, caption: str, k: int = 10
+    ) -> QueryResult:
+        """Top-k positive and negative influencers of a new image and caption.
+
+        Args:
+            image: a PIL image, a path, or the bytes of an image file.
+            caption: the caption the image should match (truncated to the model's context).
+            k: influencers per sign.
+        """
+        if not isinstance(image, Image.Image):
+            image = data.open_query_image(image)
+        self._load_models()
+        notes = data.check_caption(caption, self.bundle.tokenizer, self.bundle.context_length)
+        grads, img_emb, info = self.target_gradients(image, caption)
+        t0 = time.perf_counter()
+        column = sum(item["features"] @ grads[m] for m, item in enumerate(self._models))
+        column = (column / self.n_models * self.out_to_loss).astype(np.float32)  # (n_train,)
+        similarity = self.train_image_emb @ img_emb  # (n_train,)
+        result = self._result(
+            caption.strip(),
+            column,
+            similarity,
+            info["clip_similarity"],
+            info["margin"],
+            k,
+            notes=notes,
+        )
+        result.timings = {**info["timings"], "search": time.perf_counter() - t0}
+        return result
+
+    # --- shared --------------------------------------------------------------------------------
+
+    def _cards(self, order: np.ndarray, values: np.ndarray, sign: str) -> list[Influencer]:
+        return [
+            Influencer(
+                rank=r + 1,
+                sign=sign,
+                index=int(i),
+                id=str(self.train[i]["id"]),
+                caption=self.train[i]["caption"],
+                image=self.train[i]["image"],
+                score=float(values[i]),
+            )
+            for r, i in enumerate(order)
+        ]
+
+    def _result(
+        self,
+        caption: str,
+        column: np.ndarray,
+        similarity: np.ndarray,
+        clip_sim: float,
+        margin: float,
+        k: int,
+        **extra: Any,
+    ) -> QueryResult:
+        if k < 1:
+            raise data.InputError(f"k must be at least 1, got {k}")
+        k = min(k, len(column))
+        pos = np.argsort(-column, kind="stable")[:k]
+        neg = np.argsort(column, kind="stable")[:k]
+        near = np.argsort(-similarity, kind="stable")[:k]
+        return QueryResult(
+            caption=caption,
+            positive=self._cards(pos, column, "positive"),
+            negative=self._cards(neg, column, "negative"),
+            similar=self._cards(near, similarity, "similar"),
+            clip_similarity=clip_sim,
+            margin=margin,
+            scores=column,
+            train_similarity=similarity.astype(np.float32),
+            **extra,
+        )
