@@ -1,0 +1,108 @@
+"""The command line as a user meets it: help texts, one-line errors, train/build/info/query."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from engine.cli import app
+
+
+def trakview(*args: str) -> subprocess.CompletedProcess:
+    """Runs the real console entry point (``main()``), as the ``trakview`` script does."""
+    return subprocess.run(
+        [sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.mark.parametrize("command", ["demo", "train", "build", "query", "info"])
+def test_every_command_documents_its_flags_with_defaults(command):
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    assert "Usage:" in result.output
+    if command in ("demo", "build", "train"):
+        assert "[default:" in result.output
+
+
+def test_errors_are_one_line(tmp_path):
+    result = trakview("info", str(tmp_path / "nope"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: run directory {tmp_path / 'nope'} does not exist; build one with `trakview build`"
+    ]
+    result = trakview(
+        "build",
+        "--train-data",
+        str(tmp_path / "t.jsonl"),
+        "--val-data",
+        str(tmp_path / "v.jsonl"),
+        "--checkpoint",
+        "x.pt",
+        "--out",
+        str(tmp_path),
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: pair list" in result.stderr and "does not exist" in result.stderr
+
+
+def test_train_build_info_query_round_trip(tmp_path, world_dir, run_dir):
+    out = tmp_path / "ens"
+    result = trakview(
+        "train",
+        "--train-data",
+        str(world_dir / "train.jsonl"),
+        "--out",
+        str(out),
+        "--members",
+        "1",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "120",
+    )
+    assert result.returncode == 0, result.stderr
+    ckpt = out / "member-0" / "checkpoints" / "epoch_1.pt"
+    assert result.stdout.strip() == str(ckpt)
+
+    run = tmp_path / "run"
+    result = trakview(
+        "build",
+        "--train-data",
+        str(world_dir / "train.jsonl"),
+        "--val-data",
+        str(world_dir / "val.jsonl"),
+        "--checkpoint",
+        str(ckpt),
+        "--out",
+        str(run),
+        "--proj-dim",
+        "32",
+        "--topk",
+        "5",
+    )
+    assert result.returncode == 0, result.stderr
+    assert (run / "manifest.json").is_file()
+
+    info = trakview("info", str(run))
+    assert "trakview-tiny x 1 checkpoints" in info.stdout and "proj_dim 32" in info.stdout
+
+    val = json.loads((run_dir / "val.jsonl").read_text().splitlines()[2])
+    result = trakview(
+        "query",
+        str(run_dir),
+        "--image",
+        str(run_dir / val["image"]),
+        "--caption",
+        val["caption"],
+        "-k",
+        "3",
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert len(payload["positive"]) == len(payload["negative"]) == 3
+    assert payload["caption"] == val["caption"]

@@ -1,0 +1,93 @@
+"""The ensemble trainer: it learns the demo world, saves open_clip_train checkpoints and resumes."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from engine import embed, models, synthetic, train
+
+
+@pytest.fixture(scope="module")
+def world_tensors():
+    """A 1000-pair demo world (plus 200 validation pairs) as model inputs."""
+    world = synthetic.generate_world(synthetic.WorldConfig(n_train=1000, n_val=200, seed=11))
+    bundle = models.create("trakview-tiny")
+    from PIL import Image
+
+    def prep(images, records):
+        x = torch.stack([bundle.preprocess(Image.fromarray(a)) for a in images])
+        return x, bundle.tokenizer([r["caption"] for r in records])
+
+    return prep(world.train_images, world.train), prep(world.val_images, world.val)
+
+
+def test_trained_model_matches_images_to_their_captions(tmp_path, world_tensors):
+    (x, t), (vx, vt) = world_tensors
+    cfg = train.TrainConfig(members=1, epochs=16, batch_size=100, lr=3e-3, warmup_steps=10)
+    (path,) = train.train_ensemble(x, t, cfg, tmp_path)
+    model = models.load_into(models.create("trakview-tiny").model, path)
+    img, txt = embed.encode(model, vx, vt)
+    sim = img @ txt.T  # (200, 200)
+    top1 = (sim.argmax(1) == torch.arange(200)).float().mean().item()
+    # Chance is 1/200 = 0.005 for the exact caption among all 200 validation captions (most
+    # captions are unique: template, size, colour, shape, position, background).
+    assert top1 > 0.05, f"image->text top-1 {top1:.3f} is not well above chance (0.005)"
+    # Among groups of 10 captions (chance 0.1), the right one should win most of the time.
+    groups = sim.reshape(20, 10, 20, 10).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (20, 10, 10)
+    top1_of_10 = (groups.argmax(2) == torch.arange(10)).float().mean().item()
+    assert top1_of_10 > 0.5, f"top-1 among 10 captions {top1_of_10:.3f} (chance 0.1)"
+
+
+def test_members_have_their_own_seed_and_checkpoint_format(tmp_path, world_tensors):
+    (x, t), _ = world_tensors
+    cfg = train.TrainConfig(members=2, epochs=1, batch_size=200, warmup_steps=2)
+    paths = train.train_ensemble(x[:400], t[:400], cfg, tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in paths] == [
+        "member-0/checkpoints/epoch_1.pt",
+        "member-1/checkpoints/epoch_1.pt",
+    ]
+    raw = [torch.load(p, weights_only=True) for p in paths]
+    assert raw[0]["epoch"] == 1 and raw[0]["name"] == "trakview-tiny"
+    assert not torch.equal(
+        raw[0]["state_dict"]["text_projection"], raw[1]["state_dict"]["text_projection"]
+    )
+
+
+def test_interrupted_member_resumes_to_the_same_weights(tmp_path, world_tensors, monkeypatch):
+    (x, t), _ = world_tensors
+    x, t = x[:400], t[:400]
+    cfg = train.TrainConfig(members=1, epochs=3, batch_size=100, warmup_steps=2)
+    (straight,) = train.train_ensemble(x, t, cfg, tmp_path / "straight")
+
+    original = models.save_checkpoint
+    saved = {"n": 0}
+
+    def crash_after_second_epoch(*args, **kwargs):
+        out = original(*args, **kwargs)
+        saved["n"] += 1
+        if saved["n"] == 2:
+            raise KeyboardInterrupt("killed after epoch 2")
+        return out
+
+    monkeypatch.setattr(models, "save_checkpoint", crash_after_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_ensemble(x, t, cfg, tmp_path / "resumed")
+    latest = train.member_dir(tmp_path / "resumed", 0) / "epoch_latest.pt"
+    assert torch.load(latest, weights_only=True)["epoch"] == 2
+    monkeypatch.setattr(models, "save_checkpoint", original)
+    (resumed,) = train.train_ensemble(x, t, cfg, tmp_path / "resumed")
+    a = models.read_state_dict(straight)
+    b = models.read_state_dict(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not latest.exists()
+
+
+def test_bad_settings(tmp_path, world_tensors):
+    (x, t), _ = world_tensors
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        train.train_ensemble(x[:50], t[:50], replace(train.TrainConfig(), batch_size=128), tmp_path)
+    with pytest.raises(ValueError, match="members must be at least 1"):
+        train.train_ensemble(x, t, replace(train.TrainConfig(), members=0), tmp_path)
