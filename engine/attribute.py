@@ -55,6 +55,7 @@ class BuildConfig:
     seed: int = 0  # seeds the simulated batches and the projection
     device: str = "cpu"  # "cpu" or "cuda"
     half: bool = False  # float16 TRAK features (CUDA only: on CPU it ruins the scores)
+    projection_dtype: str = "auto"  # dense projection matmul: float32, bfloat16; auto = see resolve
     topk: int = 50  # influencers stored per validation pair and sign
 
 
@@ -76,7 +77,41 @@ def resolve(cfg: BuildConfig, n_train: int) -> BuildConfig:
     if grad_params == "auto":
         grad_params = "no-token-embedding" if cfg.device == "cpu" else "all"
     topk = min(cfg.topk, n_train)
-    return replace(cfg, proj_dim=proj_dim, grad_params=grad_params, topk=topk)
+    projection_dtype = cfg.projection_dtype
+    if projection_dtype == "auto":
+        projection_dtype = "bfloat16" if cfg.device == "cpu" and _has_bf16_matmul() else "float32"
+    if projection_dtype not in ("float32", "bfloat16"):
+        raise ValueError(
+            f"--projection-dtype must be float32 or bfloat16, got {projection_dtype!r}"
+        )
+    return replace(
+        cfg,
+        proj_dim=proj_dim,
+        grad_params=grad_params,
+        topk=topk,
+        projection_dtype=projection_dtype,
+    )
+
+
+def _has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def projector_for(model: torch.nn.Module, cfg: BuildConfig, names: list[str]) -> KeyedProjector:
+    """The run's projection (the build and every later query must use the same one)."""
+    return KeyedProjector(
+        {n: tuple(p.shape) for n, p in model.named_parameters() if n in names},
+        next((n for n in names if n.endswith("token_embedding.weight")), None),
+        cfg.proj_dim,
+        seed=cfg.seed,
+        device=cfg.device,
+        matmul_dtype=getattr(torch, cfg.projection_dtype),
+    )
 
 
 def _fingerprint(pairs: data.PairSet) -> str:
@@ -179,13 +214,7 @@ def build(
     names = select_parameters(model, cfg.grad_params)
     task = ClipMargin()
     scorer = functools.partial(RegularizedScoreComputer, lambda_rel=cfg.lambda_rel)
-    projector = KeyedProjector(
-        {n: tuple(p.shape) for n, p in model.named_parameters() if n in names},
-        next((n for n in names if n.endswith("token_embedding.weight")), None),
-        cfg.proj_dim,
-        seed=cfg.seed,
-        device=cfg.device,
-    )
+    projector = projector_for(model, cfg, names)
     traker = TRAKer(
         model=model,
         task=task,

@@ -21,9 +21,9 @@ import torch
 from PIL import Image
 
 from engine import data, embed, models, runs, store
+from engine.attribute import BuildConfig, projector_for
 from engine.trak import (
     ClipMargin,
-    KeyedProjector,
     SelectiveGradientComputer,
     SimulatedBatch,
     select_parameters,
@@ -129,10 +129,8 @@ class QueryEngine:
         self.bundle = models.create(self.cfg["model"], device=self.device)
         names = select_parameters(self.bundle.model, self.cfg["grad_params"])
         shapes = {n: tuple(p.shape) for n, p in self.bundle.model.named_parameters() if n in names}
-        token = next((n for n in names if n.endswith("token_embedding.weight")), None)
-        self.projector = KeyedProjector(
-            shapes, token, self.cfg["proj_dim"], seed=self.cfg["seed"], device=self.device
-        )
+        build_cfg = BuildConfig(**{**self.cfg, "device": self.device})
+        self.projector = projector_for(self.bundle.model, build_cfg, names)
         # traker divides projected gradients by sqrt(#attributed parameters) (TRAKer.featurize)
         self.normalize = math.sqrt(sum(int(np.prod(s)) for s in shapes.values()))
         self.sim = SimulatedBatch(

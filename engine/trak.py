@@ -282,6 +282,9 @@ class KeyedProjector(AbstractProjector):
     touches only its own tokens' rows. Dense blocks are concatenated into one matrix kept in memory
     (up to ``max_dense_bytes``; past that they are regenerated per batch); token blocks are kept in
     an LRU cache of ``max_token_blocks`` entries. The same projection serves every checkpoint.
+    ``matmul_dtype=torch.bfloat16`` rounds gradients and matrix to bfloat16 for the dense product
+    (accumulating in float32): ~0.3% noise per projected coordinate, far below the JL distortion
+    itself (~1/sqrt(proj_dim)), for about half the time on CPUs with bfloat16 instructions.
     """
 
     def __init__(
@@ -293,6 +296,7 @@ class KeyedProjector(AbstractProjector):
         device: str = "cpu",
         max_dense_bytes: int = 2 << 30,
         max_token_blocks: int = 8192,
+        matmul_dtype: torch.dtype = torch.float32,
     ) -> None:
         dense_dim = sum(int(np.prod(s)) for n, s in param_shapes.items() if n != token_name)
         super().__init__(dense_dim, proj_dim, seed, ProjectionType.normal, device)
@@ -301,6 +305,7 @@ class KeyedProjector(AbstractProjector):
         self.token_name = token_name
         self.max_dense_bytes = max_dense_bytes
         self.max_token_blocks = max_token_blocks
+        self.matmul_dtype = matmul_dtype
         self._dense: Tensor | None = None
         self._tokens: OrderedDict[int, Tensor] = OrderedDict()
 
@@ -329,11 +334,15 @@ class KeyedProjector(AbstractProjector):
     def _project_dense(self, grads: dict[str, Tensor]) -> Tensor:
         batch = next(iter(grads.values())).shape[0]
         flat = [grads[n].reshape(batch, -1) for n in self.dense_names]
-        if self.grad_dim * self.proj_dim * 4 <= self.max_dense_bytes:
+        dtype = self.matmul_dtype  # bfloat16 halves the cost on CPUs with AVX512-BF16 / AMX
+        if self.grad_dim * self.proj_dim * dtype.itemsize <= self.max_dense_bytes:
             if self._dense is None:
-                self._dense = torch.cat([self.dense_block(n) for n in self.dense_names])
-            return torch.cat(flat, 1) @ self._dense  # (B, D) @ (D, k)
-        return sum(g @ self.dense_block(n) for n, g in zip(self.dense_names, flat, strict=True))
+                self._dense = torch.cat([self.dense_block(n) for n in self.dense_names]).to(dtype)
+            return (torch.cat(flat, 1).to(dtype) @ self._dense).float()  # (B, D) @ (D, k)
+        return sum(
+            (g.to(dtype) @ self.dense_block(n).to(dtype)).float()
+            for n, g in zip(self.dense_names, flat, strict=True)
+        )
 
     def _project_tokens(self, token_grads: Tensor, ids: Tensor) -> Tensor:
         unique, inverse = torch.unique(ids, return_inverse=True)  # (U,), (B, L)

@@ -72,5 +72,7 @@ def checkpoints(tmp_path_factory, tensors) -> list[Path]:
 def run_dir(tmp_path_factory, pairs, checkpoints) -> Path:
     """A finished run on the small world."""
     out = tmp_path_factory.mktemp("run") / "run"
-    cfg = attribute.BuildConfig(checkpoints=[str(p) for p in checkpoints], topk=20)
+    cfg = attribute.BuildConfig(
+        checkpoints=[str(p) for p in checkpoints], topk=20, projection_dtype="float32"
+    )
     return attribute.build(*pairs, cfg, out)

@@ -96,7 +96,9 @@ def test_stored_gradient_is_autograd_times_projection(run_dir, tensors, checkpoi
 
 
 def test_same_build_twice_gives_identical_scores(tmp_path, pairs, checkpoints, run_dir):
-    cfg = attribute.BuildConfig(checkpoints=[str(p) for p in checkpoints], topk=20)
+    cfg = attribute.BuildConfig(
+        checkpoints=[str(p) for p in checkpoints], topk=20, projection_dtype="float32"
+    )
     again = attribute.build(*pairs, cfg, tmp_path / "again")
     assert np.array_equal(np.load(again / "scores.npy"), np.load(run_dir / "scores.npy"))
 
@@ -104,7 +106,12 @@ def test_same_build_twice_gives_identical_scores(tmp_path, pairs, checkpoints, r
 def test_build_killed_mid_featurize_resumes_to_the_same_scores(
     tmp_path, pairs, checkpoints, run_dir, monkeypatch
 ):
-    cfg = attribute.BuildConfig(checkpoints=[str(p) for p in checkpoints], topk=20, batch_size=40)
+    cfg = attribute.BuildConfig(
+        checkpoints=[str(p) for p in checkpoints],
+        topk=20,
+        batch_size=40,
+        projection_dtype="float32",
+    )
     original = attribute.TRAKer.featurize
     calls = {"n": 0}
 
@@ -146,6 +153,8 @@ def test_bad_settings_are_clear_errors(pairs, checkpoints):
         attribute.resolve(attribute.BuildConfig(), 100)
     assert attribute.resolve(attribute.BuildConfig(checkpoints=["x"]), 3000).proj_dim == 512
     assert attribute.resolve(attribute.BuildConfig(checkpoints=["x"]), 100).proj_dim == 64
+    with pytest.raises(ValueError, match="--projection-dtype must be float32 or bfloat16"):
+        attribute.resolve(attribute.BuildConfig(checkpoints=["x"], projection_dtype="fp8"), 100)
 
 
 def test_small_world_ground_truth(run_dir):
@@ -163,3 +172,20 @@ def test_roc_auc_matches_a_hand_computed_case():
     # positives at 0.9 and 0.4, negatives at 0.5, 0.4, 0.1: pairs won 2 + (0.5 + 1 + 1) = 4.5 of 6
     auc = groundtruth.roc_auc(np.array([0.9, 0.4, 0.5, 0.4, 0.1]), np.array([1, 1, 0, 0, 0]))
     assert auc == pytest.approx(4.5 / 6)
+
+
+def test_bfloat16_projection_keeps_the_scores(tmp_path, pairs, checkpoints, run_dir):
+    """The bfloat16 dense projection (the CPU default where supported) against float32."""
+    cfg = attribute.BuildConfig(
+        checkpoints=[str(p) for p in checkpoints], topk=20, projection_dtype="bfloat16"
+    )
+    fast = np.load(attribute.build(*pairs, cfg, tmp_path / "bf16") / "scores.npy")
+    exact = np.load(run_dir / "scores.npy")
+    assert not np.array_equal(fast, exact)  # it really ran in bfloat16
+    per_pair = [np.corrcoef(fast[:, j], exact[:, j])[0, 1] for j in range(exact.shape[1])]
+    assert min(per_pair) > 0.999
+    top5 = [
+        len(set(np.argsort(-fast[:, j])[:5]) & set(np.argsort(-exact[:, j])[:5]))
+        for j in range(exact.shape[1])
+    ]
+    assert np.mean(top5) >= 4.5
