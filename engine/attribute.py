@@ -31,6 +31,7 @@ from engine.trak import (
     RegularizedScoreComputer,
     SelectiveGradientComputer,
     SimulatedBatch,
+    cuda_dense_projector,
     select_parameters,
 )
 
@@ -103,14 +104,19 @@ def _has_bf16_matmul() -> bool:
 
 
 def projector_for(model: torch.nn.Module, cfg: BuildConfig, names: list[str]) -> KeyedProjector:
-    """The run's projection (the build and every later query must use the same one)."""
+    """The run's projection (the build and every later query must use the same one): on CUDA
+    with ``fast_jl`` installed, traker's CudaProjector for the dense parameters."""
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if n in names}
+    token = next((n for n in names if n.endswith("token_embedding.weight")), None)
+    dense_dim = sum(math.prod(s) for n, s in shapes.items() if n != token)
     return KeyedProjector(
-        {n: tuple(p.shape) for n, p in model.named_parameters() if n in names},
-        next((n for n in names if n.endswith("token_embedding.weight")), None),
+        shapes,
+        token,
         cfg.proj_dim,
         seed=cfg.seed,
         device=cfg.device,
         matmul_dtype=getattr(torch, cfg.projection_dtype),
+        dense_projector=cuda_dense_projector(dense_dim, cfg.proj_dim, cfg.seed, cfg.device),
     )
 
 
@@ -262,7 +268,14 @@ def build(
     from engine import diagnose  # after scores: it reads what the stages above stored
 
     diagnose.finish_run(out, cfg, traker, len(states))
-    _write_manifest(out, cfg, train, val, ckpt_hashes, load_seconds, time.perf_counter() - started)
+    projection = (
+        f"traker {type(projector.dense_projector).__name__} (fast_jl) + keyed token blocks"
+        if projector.dense_projector is not None
+        else f"trakview KeyedProjector ({cfg.projection_dtype})"
+    )
+    _write_manifest(
+        out, cfg, train, val, ckpt_hashes, load_seconds, time.perf_counter() - started, projection
+    )
     return out
 
 
@@ -324,6 +337,7 @@ def _write_manifest(
     ckpt_hashes: list[str],
     load_seconds: float,
     total_seconds: float,
+    projection: str,
 ) -> None:
     import open_clip
     import trak
@@ -356,6 +370,7 @@ def _write_manifest(
             "proj_dim": cfg.proj_dim,
             "ensemble_embedding_dim": int(emb_dim),
         },
+        "projection": projection,
         "conditioning": [
             {k: f[k] for k in ("rank", "proj_dim", "lambda", "condition") if k in f}
             for f in finalize

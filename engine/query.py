@@ -200,13 +200,21 @@ class QueryEngine:
                 )
             )
         t1 = time.perf_counter()
-        # One projection for all checkpoints: the projection matrix is read from memory once.
-        stacked = {
-            "dense": {n: torch.cat([g["dense"][n] for g in grads]) for n in grads[0]["dense"]},
-            "token": None if grads[0]["token"] is None else torch.cat([g["token"] for g in grads]),
-            "ids": torch.cat([g["ids"] for g in grads]),
-        }
-        projected = self.projector.project(stacked, model_id=0) / self.normalize  # (M, k)
+        if self.projector.dense_projector is None:
+            # One projection for all checkpoints: the matrix is read from memory once.
+            stacked = {
+                "dense": {n: torch.cat([g["dense"][n] for g in grads]) for n in grads[0]["dense"]},
+                "token": None
+                if grads[0]["token"] is None
+                else torch.cat([g["token"] for g in grads]),
+                "ids": torch.cat([g["ids"] for g in grads]),
+            }
+            projected = self.projector.project(stacked, model_id=0)  # (M, k)
+        else:  # traker's CudaProjector draws a different matrix per checkpoint
+            projected = torch.cat(
+                [self.projector.project(g, model_id=m) for m, g in enumerate(grads)]
+            )
+        projected = projected / self.normalize
         info = {
             "clip_similarity": float(np.mean(sims)),
             "margin": float(np.mean(margins)),

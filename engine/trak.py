@@ -285,6 +285,8 @@ class KeyedProjector(AbstractProjector):
     ``matmul_dtype=torch.bfloat16`` rounds gradients and matrix to bfloat16 for the dense product
     (accumulating in float32): ~0.3% noise per projected coordinate, far below the JL distortion
     itself (~1/sqrt(proj_dim)), for about half the time on CPUs with bfloat16 instructions.
+    ``dense_projector`` (traker's ``CudaProjector`` on CUDA, see ``cuda_dense_projector``)
+    replaces the dense product; its projection differs per checkpoint (seeded by model id).
     """
 
     def __init__(
@@ -297,6 +299,7 @@ class KeyedProjector(AbstractProjector):
         max_dense_bytes: int = 2 << 30,
         max_token_blocks: int = 8192,
         matmul_dtype: torch.dtype = torch.float32,
+        dense_projector: AbstractProjector | None = None,
     ) -> None:
         dense_dim = sum(int(np.prod(s)) for n, s in param_shapes.items() if n != token_name)
         super().__init__(dense_dim, proj_dim, seed, ProjectionType.normal, device)
@@ -306,6 +309,7 @@ class KeyedProjector(AbstractProjector):
         self.max_dense_bytes = max_dense_bytes
         self.max_token_blocks = max_token_blocks
         self.matmul_dtype = matmul_dtype
+        self.dense_projector = dense_projector
         self._dense: Tensor | None = None
         self._tokens: OrderedDict[int, Tensor] = OrderedDict()
 
@@ -354,7 +358,12 @@ class KeyedProjector(AbstractProjector):
 
     def project(self, grads: dict[str, Any], model_id: int) -> Tensor:  # type: ignore[override]
         """Projects the gradient computer's output to (B, proj_dim)."""
-        out = self._project_dense(grads["dense"]) if self.dense_names else 0
+        out: Tensor | int = 0
+        if self.dense_names and self.dense_projector is not None:
+            dense = {n: grads["dense"][n] for n in self.dense_names}  # fixed order
+            out = self.dense_projector.project(dense, model_id=model_id).float()
+        elif self.dense_names:
+            out = self._project_dense(grads["dense"])
         if grads.get("token") is not None:
             out = out + self._project_tokens(grads["token"], grads["ids"])
         return out
@@ -432,3 +441,22 @@ class RegularizedScoreComputer(AbstractScoreComputer):
 
     def get_scores(self, features: Tensor, target_grads: Tensor, accumulator: Tensor) -> None:
         accumulator += (features.to(self.device) @ target_grads.to(self.device).T).cpu()
+
+
+def cuda_dense_projector(
+    grad_dim: int, proj_dim: int, seed: int, device: str, max_batch_size: int = 32
+) -> AbstractProjector | None:
+    """traker's fast CUDA projector (``fast_jl``) for the dense parameters, or None when the
+    device is not CUDA or ``fast_jl`` is not installed (``pip install traker[fast]``)."""
+    if not str(device).startswith("cuda"):
+        return None
+    try:
+        import fast_jl  # noqa: F401
+    except ImportError:
+        log.info("fast_jl is not installed: projecting with trakview's keyed Gaussian matrix")
+        return None
+    from trak.projectors import CudaProjector
+
+    return CudaProjector(
+        grad_dim, proj_dim, seed, ProjectionType.rademacher, device, max_batch_size
+    )
