@@ -31,5 +31,9 @@ def write_section(name: str, body: str) -> None:
     text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
     block = f"{start}\n{body.rstrip()}\n{end}"
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    text = (
+        pattern.sub(lambda _: block, text)
+        if pattern.search(text)
+        else text.rstrip() + "\n\n" + block + "\n"
+    )
     BENCHMARKS.write_text(text)

@@ -47,8 +47,9 @@ PHASES = {
 def run_phase(code: str) -> tuple[float, float]:
     """(wall seconds, peak RSS in MiB) of a Python snippet in its own process."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     _, status, usage = os.wait4(proc.pid, 0)
     if status != 0:
         raise RuntimeError(f"phase failed ({status}): {code}")
@@ -61,9 +62,14 @@ def check_ground_truth(run: Path) -> dict[str, float]:
     val = store.read_jsonl(run / "val.jsonl")
     near = groundtruth.near_duplicate_hits(scores, train, val, k=5)
     auc = groundtruth.mislabeled_auc(np.load(run / "suspect_mislabeled.npy"), train)
-    return {"near_n": near["n"], "near_hits": near["hits"], "near_rate": near["rate"],
-            "near_median_rank": float(np.median(near["ranks"])), "mislabeled_auc": auc,
-            "val_caption_top1": float((np.load(run / "val_caption_rank.npy") == 1).mean())}
+    return {
+        "near_n": near["n"],
+        "near_hits": near["hits"],
+        "near_rate": near["rate"],
+        "near_median_rank": float(np.median(near["ranks"])),
+        "mislabeled_auc": auc,
+        "val_caption_top1": float((np.load(run / "val_caption_rank.npy") == 1).mean()),
+    }
 
 
 def md_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
@@ -96,39 +102,63 @@ def main() -> None:
 
     total = [sum(times[p][r] for p in PHASES) for r in range(args.repeats)]
     rows = [
-        (p, f"{statistics.median(times[p]):.1f}", f"{min(times[p]):.1f}-{max(times[p]):.1f}",
-         f"{max(peaks[p]):.0f}")
+        (
+            p,
+            f"{statistics.median(times[p]):.1f}",
+            f"{min(times[p]):.1f}-{max(times[p]):.1f}",
+            f"{max(peaks[p]):.0f}",
+        )
         for p in PHASES
     ]
-    rows.append(("whole demo (no dashboard)", f"{statistics.median(total):.1f}",
-                 f"{min(total):.1f}-{max(total):.1f}", f"{max(max(v) for v in peaks.values()):.0f}"))
+    rows.append(
+        (
+            "whole demo (no dashboard)",
+            f"{statistics.median(total):.1f}",
+            f"{min(total):.1f}-{max(total):.1f}",
+            f"{max(max(v) for v in peaks.values()):.0f}",
+        )
+    )
     header = ("phase", "median s", "range s", "peak RSS MiB")
     table = md_table(header, rows)
     print(table)
-    write_section("bench_demo", (
-        "### The default demo, end to end\n\n"
-        f"`trakview demo` defaults: 3000 train / 300 val pairs, 4 x trakview-tiny, 15 epochs, "
-        f"proj_dim 512. Median of {args.repeats} runs; each phase in its own process. "
-        f"{machine()}. `python bench/bench_demo.py`. Targets: ensemble < 120 s, whole demo "
-        f"< 300 s.\n\n{table}\n"))
+    write_section(
+        "bench_demo",
+        (
+            "### The default demo, end to end\n\n"
+            f"`trakview demo` defaults: 3000 train / 300 val pairs, 4 x trakview-tiny, 15 epochs, "
+            f"proj_dim 512. Median of {args.repeats} runs; each phase in its own process. "
+            f"{machine()}. `python bench/bench_demo.py`. Targets: ensemble < 120 s, whole demo "
+            f"< 300 s.\n\n{table}\n"
+        ),
+    )
 
     c = checks[-1]
     gt_rows = [
-        ("near-duplicate in top-5 positive influencers",
-         f"{c['near_hits']}/{c['near_n']} = {c['near_rate']:.2f}", ">= 0.90"),
+        (
+            "near-duplicate in top-5 positive influencers",
+            f"{c['near_hits']}/{c['near_n']} = {c['near_rate']:.2f}",
+            ">= 0.90",
+        ),
         ("median rank of the near-duplicate", f"{c['near_median_rank']:.0f}", ""),
         ("suspected-mislabeled ROC AUC (self-influence)", f"{c['mislabeled_auc']:.3f}", ">= 0.80"),
-        ("val caption rank 1 among 300 (ensemble CLIP)", f"{c['val_caption_top1']:.2f}",
-         "chance 0.003"),
+        (
+            "val caption rank 1 among 300 (ensemble CLIP)",
+            f"{c['val_caption_top1']:.2f}",
+            "chance 0.003",
+        ),
     ]
     all_runs = ", ".join(f"{x['near_rate']:.2f} / {x['mislabeled_auc']:.3f}" for x in checks)
     gt = md_table(("check (default demo run)", "measured", "target"), gt_rows)
     print(gt)
-    write_section("bench_groundtruth", (
-        "### Ground truth of the demo world\n\n"
-        "Read from `scores.npy`, `suspect_mislabeled.npy` and the jsonl files only. "
-        f"Near-duplicate rate / AUC of every repeat: {all_runs} (identical: the build is "
-        f"deterministic).\n\n{gt}\n"))
+    write_section(
+        "bench_groundtruth",
+        (
+            "### Ground truth of the demo world\n\n"
+            "Read from `scores.npy`, `suspect_mislabeled.npy` and the jsonl files only. "
+            f"Near-duplicate rate / AUC of every repeat: {all_runs} (identical: the build is "
+            f"deterministic).\n\n{gt}\n"
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -40,20 +40,26 @@ def main() -> None:
         for key in ("gradient", "projection", "search"):
             parts[key].append(result.timings[key])
     m = engine.manifest
-    rows = [(k, f"{statistics.median(v) * 1000:.0f}", f"{min(v) * 1000:.0f}-{max(v) * 1000:.0f}")
-            for k, v in parts.items()]
+    rows = [
+        (k, f"{statistics.median(v) * 1000:.0f}", f"{min(v) * 1000:.0f}-{max(v) * 1000:.0f}")
+        for k, v in parts.items()
+    ]
     lines = ["| part | median ms | range ms |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     table = "\n".join(lines)
     print(table)
-    write_section("bench_query", (
-        "### One new query (`trakview query`, the dashboard's Upload)\n\n"
-        f"Run: {m['counts']['n_train']} train pairs, {m['counts']['n_checkpoints']} checkpoints, "
-        f"proj_dim {m['counts']['proj_dim']}, grad params {m['config']['grad_params']}. Median "
-        f"of {args.repeats} queries with checkpoints loaded (loading once: {load:.1f} s). "
-        "Gradient = per-sample gradients and CLIP embeddings of the query for every checkpoint; "
-        "projection = one JL projection of all checkpoints' gradients; search = scores of every "
-        f"training pair and the top-k. {machine()}. Target: total < 500 ms.\n\n{table}\n"))
+    write_section(
+        "bench_query",
+        (
+            "### One new query (`trakview query`, the dashboard's Upload)\n\n"
+            f"Run: {m['counts']['n_train']} train pairs, {m['counts']['n_checkpoints']} checkpoints, "
+            f"proj_dim {m['counts']['proj_dim']}, grad params {m['config']['grad_params']}. Median "
+            f"of {args.repeats} queries with checkpoints loaded (loading once: {load:.1f} s). "
+            "Gradient = per-sample gradients and CLIP embeddings of the query for every checkpoint; "
+            "projection = one JL projection of all checkpoints' gradients; search = scores of every "
+            f"training pair and the top-k. {machine()}. Target: total < 500 ms.\n\n{table}\n"
+        ),
+    )
 
 
 if __name__ == "__main__":

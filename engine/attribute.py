@@ -37,6 +37,12 @@ from engine.trak import (
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "val"
+# --projector choices for the dense parameters (token rows always use keyed Gaussian blocks):
+PROJECTORS = {
+    "gaussian": "dense Gaussian JL matrix, float32 (traker's CudaProjector on CUDA with fast_jl)",
+    "gaussian-bf16": "the same matrix, multiplied in bfloat16 (about 2x faster on CPUs with BF16)",
+    "sketch": "count sketch to 4 x proj_dim buckets, then a Gaussian: O(D) per pair (CPU default)",
+}
 
 
 @dataclass
@@ -56,7 +62,7 @@ class BuildConfig:
     seed: int = 0  # seeds the simulated batches and the projection
     device: str = "cpu"  # "cpu" or "cuda"
     half: bool = False  # float16 TRAK features (CUDA only: on CPU it ruins the scores)
-    projection_dtype: str = "auto"  # dense projection matmul: float32, bfloat16; auto = see resolve
+    projector: str = "auto"  # JL projection of the dense parameters' gradients, see PROJECTORS
     topk: int = 50  # influencers stored per validation pair and sign
 
 
@@ -78,29 +84,20 @@ def resolve(cfg: BuildConfig, n_train: int) -> BuildConfig:
     if grad_params == "auto":
         grad_params = "no-token-embedding" if cfg.device == "cpu" else "all"
     topk = min(cfg.topk, n_train)
-    projection_dtype = cfg.projection_dtype
-    if projection_dtype == "auto":
-        projection_dtype = "bfloat16" if cfg.device == "cpu" and _has_bf16_matmul() else "float32"
-    if projection_dtype not in ("float32", "bfloat16"):
+    projector = cfg.projector
+    if projector == "auto":
+        projector = "sketch" if cfg.device == "cpu" else "gaussian"
+    if projector not in PROJECTORS:
         raise ValueError(
-            f"--projection-dtype must be float32 or bfloat16, got {projection_dtype!r}"
+            f"--projector must be one of {', '.join(PROJECTORS)} or auto, got {projector!r}"
         )
     return replace(
         cfg,
         proj_dim=proj_dim,
         grad_params=grad_params,
         topk=topk,
-        projection_dtype=projection_dtype,
+        projector=projector,
     )
-
-
-def _has_bf16_matmul() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def projector_for(model: torch.nn.Module, cfg: BuildConfig, names: list[str]) -> KeyedProjector:
@@ -115,8 +112,13 @@ def projector_for(model: torch.nn.Module, cfg: BuildConfig, names: list[str]) ->
         cfg.proj_dim,
         seed=cfg.seed,
         device=cfg.device,
-        matmul_dtype=getattr(torch, cfg.projection_dtype),
-        dense_projector=cuda_dense_projector(dense_dim, cfg.proj_dim, cfg.seed, cfg.device),
+        matmul_dtype=torch.bfloat16 if cfg.projector == "gaussian-bf16" else torch.float32,
+        sketch_dim=4 * cfg.proj_dim if cfg.projector == "sketch" else 0,
+        dense_projector=(
+            cuda_dense_projector(dense_dim, cfg.proj_dim, cfg.seed, cfg.device)
+            if cfg.projector == "gaussian"
+            else None
+        ),
     )
 
 
@@ -271,7 +273,7 @@ def build(
     projection = (
         f"traker {type(projector.dense_projector).__name__} (fast_jl) + keyed token blocks"
         if projector.dense_projector is not None
-        else f"trakview KeyedProjector ({cfg.projection_dtype})"
+        else f"trakview KeyedProjector ({cfg.projector})"
     )
     _write_manifest(
         out, cfg, train, val, ckpt_hashes, load_seconds, time.perf_counter() - started, projection

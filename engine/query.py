@@ -129,10 +129,8 @@ class QueryEngine:
         self.bundle = models.create(self.cfg["model"], device=self.device)
         names = select_parameters(self.bundle.model, self.cfg["grad_params"])
         shapes = {n: tuple(p.shape) for n, p in self.bundle.model.named_parameters() if n in names}
-        # runs built before projection_dtype existed were projected in float32
-        build_cfg = BuildConfig(
-            **{"projection_dtype": "float32", **self.cfg, "device": self.device}
-        )
+        # runs built before --projector existed were projected with the dense Gaussian
+        build_cfg = BuildConfig(**{"projector": "gaussian", **self.cfg, "device": self.device})
         self.projector = projector_for(self.bundle.model, build_cfg, names)
         # traker divides projected gradients by sqrt(#attributed parameters) (TRAKer.featurize)
         self.normalize = math.sqrt(sum(int(np.prod(s)) for s in shapes.values()))

@@ -285,6 +285,12 @@ class KeyedProjector(AbstractProjector):
     ``matmul_dtype=torch.bfloat16`` rounds gradients and matrix to bfloat16 for the dense product
     (accumulating in float32): ~0.3% noise per projected coordinate, far below the JL distortion
     itself (~1/sqrt(proj_dim)), for about half the time on CPUs with bfloat16 instructions.
+    ``sketch_dim=m`` replaces the dense Gaussian matrix of the dense parameters by a count sketch
+    to m buckets (each entry added, with a random sign, to one random bucket) followed by an
+    (m, proj_dim) Gaussian: the same kind of linear JL map (its rows are signed copies of the
+    Gaussian's rows), O(D + m * proj_dim) work per pair instead of O(D * proj_dim). The count
+    sketch adds an inner-product variance of order 1/m to the Gaussian's 1/proj_dim
+    (Clarkson & Woodruff 2013), so m = 4 * proj_dim costs about a quarter more variance.
     ``dense_projector`` (traker's ``CudaProjector`` on CUDA, see ``cuda_dense_projector``)
     replaces the dense product; its projection differs per checkpoint (seeded by model id).
     """
@@ -300,6 +306,7 @@ class KeyedProjector(AbstractProjector):
         max_token_blocks: int = 8192,
         matmul_dtype: torch.dtype = torch.float32,
         dense_projector: AbstractProjector | None = None,
+        sketch_dim: int = 0,
     ) -> None:
         dense_dim = sum(int(np.prod(s)) for n, s in param_shapes.items() if n != token_name)
         super().__init__(dense_dim, proj_dim, seed, ProjectionType.normal, device)
@@ -310,6 +317,8 @@ class KeyedProjector(AbstractProjector):
         self.max_token_blocks = max_token_blocks
         self.matmul_dtype = matmul_dtype
         self.dense_projector = dense_projector
+        self.sketch_dim = sketch_dim
+        self._sketch: tuple[Tensor, Tensor, Tensor] | None = None  # buckets, signs, (m, k) matrix
         self._dense: Tensor | None = None
         self._tokens: OrderedDict[int, Tensor] = OrderedDict()
 
@@ -318,8 +327,22 @@ class KeyedProjector(AbstractProjector):
         block = torch.randn(rows, self.proj_dim, generator=gen) / self.proj_dim**0.5
         return block.to(self.device)
 
+    def _sketch_of(self, name: str) -> tuple[Tensor, Tensor]:
+        """Count-sketch bucket (in [0, sketch_dim)) and sign of every entry of one parameter."""
+        gen = torch.Generator().manual_seed(_key(self.seed, "sketch", name))
+        numel = int(np.prod(self.param_shapes[name]))
+        buckets = torch.randint(0, self.sketch_dim, (numel,), generator=gen)
+        signs = torch.randint(0, 2, (numel,), generator=gen).float() * 2 - 1
+        return buckets.to(self.device), signs.to(self.device)
+
+    def _sketch_matrix(self) -> Tensor:
+        return self._gaussian(self.sketch_dim, "sketch-gaussian")  # (m, k)
+
     def dense_block(self, name: str) -> Tensor:
-        """(numel, proj_dim) block of one dense parameter."""
+        """(numel, proj_dim) block of one dense parameter: the exact linear map applied to it."""
+        if self.sketch_dim:
+            buckets, signs = self._sketch_of(name)
+            return signs[:, None] * self._sketch_matrix()[buckets]
         return self._gaussian(int(np.prod(self.param_shapes[name])), name)
 
     def token_block(self, token: int) -> Tensor:
@@ -338,6 +361,19 @@ class KeyedProjector(AbstractProjector):
     def _project_dense(self, grads: dict[str, Tensor]) -> Tensor:
         batch = next(iter(grads.values())).shape[0]
         flat = [grads[n].reshape(batch, -1) for n in self.dense_names]
+        if self.sketch_dim:
+            if self._sketch is None:
+                parts = [self._sketch_of(n) for n in self.dense_names]
+                self._sketch = (
+                    torch.cat([b for b, _ in parts]),
+                    torch.cat([s for _, s in parts]),
+                    self._sketch_matrix(),
+                )
+            buckets, signs, matrix = self._sketch
+            # a scatter into a (B, m) buffer that stays in cache: ~3x faster than (B, D) @ (D, k)
+            sketch = torch.zeros(batch, self.sketch_dim, device=matrix.device)  # (B, m)
+            sketch.index_add_(1, buckets, torch.cat(flat, 1) * signs)
+            return sketch @ matrix  # (B, m) @ (m, k)
         dtype = self.matmul_dtype  # bfloat16 halves the cost on CPUs with AVX512-BF16 / AMX
         if self.grad_dim * self.proj_dim * dtype.itemsize <= self.max_dense_bytes:
             if self._dense is None:
@@ -370,6 +406,7 @@ class KeyedProjector(AbstractProjector):
 
     def free_memory(self) -> None:
         self._dense = None
+        self._sketch = None
         self._tokens.clear()
 
 

@@ -73,6 +73,6 @@ def run_dir(tmp_path_factory, pairs, checkpoints) -> Path:
     """A finished run on the small world."""
     out = tmp_path_factory.mktemp("run") / "run"
     cfg = attribute.BuildConfig(
-        checkpoints=[str(p) for p in checkpoints], topk=20, projection_dtype="float32"
+        checkpoints=[str(p) for p in checkpoints], topk=20, projector="gaussian"
     )
     return attribute.build(*pairs, cfg, out)

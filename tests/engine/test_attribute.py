@@ -97,7 +97,7 @@ def test_stored_gradient_is_autograd_times_projection(run_dir, tensors, checkpoi
 
 def test_same_build_twice_gives_identical_scores(tmp_path, pairs, checkpoints, run_dir):
     cfg = attribute.BuildConfig(
-        checkpoints=[str(p) for p in checkpoints], topk=20, projection_dtype="float32"
+        checkpoints=[str(p) for p in checkpoints], topk=20, projector="gaussian"
     )
     again = attribute.build(*pairs, cfg, tmp_path / "again")
     assert np.array_equal(np.load(again / "scores.npy"), np.load(run_dir / "scores.npy"))
@@ -110,7 +110,7 @@ def test_build_killed_mid_featurize_resumes_to_the_same_scores(
         checkpoints=[str(p) for p in checkpoints],
         topk=20,
         batch_size=40,
-        projection_dtype="float32",
+        projector="gaussian",
     )
     original = attribute.TRAKer.featurize
     calls = {"n": 0}
@@ -153,8 +153,9 @@ def test_bad_settings_are_clear_errors(pairs, checkpoints):
         attribute.resolve(attribute.BuildConfig(), 100)
     assert attribute.resolve(attribute.BuildConfig(checkpoints=["x"]), 3000).proj_dim == 512
     assert attribute.resolve(attribute.BuildConfig(checkpoints=["x"]), 100).proj_dim == 64
-    with pytest.raises(ValueError, match="--projection-dtype must be float32 or bfloat16"):
-        attribute.resolve(attribute.BuildConfig(checkpoints=["x"], projection_dtype="fp8"), 100)
+    with pytest.raises(ValueError, match="--projector must be one of gaussian, gaussian-bf16"):
+        attribute.resolve(attribute.BuildConfig(checkpoints=["x"], projector="fp8"), 100)
+    assert attribute.resolve(attribute.BuildConfig(checkpoints=["x"]), 100).projector == "sketch"
 
 
 def test_small_world_ground_truth(run_dir):
@@ -174,18 +175,45 @@ def test_roc_auc_matches_a_hand_computed_case():
     assert auc == pytest.approx(4.5 / 6)
 
 
-def test_bfloat16_projection_keeps_the_scores(tmp_path, pairs, checkpoints, run_dir):
-    """The bfloat16 dense projection (the CPU default where supported) against float32."""
+def _agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Median per-pair Pearson correlation and mean top-5 overlap of two score matrices."""
+    corr = [np.corrcoef(a[:, j], b[:, j])[0, 1] for j in range(a.shape[1])]
+    top5 = [
+        len(set(np.argsort(-a[:, j])[:5]) & set(np.argsort(-b[:, j])[:5]))
+        for j in range(a.shape[1])
+    ]
+    return float(np.median(corr)), float(np.mean(top5))
+
+
+def test_bfloat16_gaussian_keeps_the_scores(tmp_path, pairs, checkpoints, run_dir):
+    """The same Gaussian matrix multiplied in bfloat16: nearly identical scores."""
     cfg = attribute.BuildConfig(
-        checkpoints=[str(p) for p in checkpoints], topk=20, projection_dtype="bfloat16"
+        checkpoints=[str(p) for p in checkpoints], topk=20, projector="gaussian-bf16"
     )
     fast = np.load(attribute.build(*pairs, cfg, tmp_path / "bf16") / "scores.npy")
     exact = np.load(run_dir / "scores.npy")
     assert not np.array_equal(fast, exact)  # it really ran in bfloat16
-    per_pair = [np.corrcoef(fast[:, j], exact[:, j])[0, 1] for j in range(exact.shape[1])]
-    assert min(per_pair) > 0.999
-    top5 = [
-        len(set(np.argsort(-fast[:, j])[:5]) & set(np.argsort(-exact[:, j])[:5]))
-        for j in range(exact.shape[1])
-    ]
-    assert np.mean(top5) >= 4.5
+    corr, top5 = _agreement(fast, exact)
+    assert corr > 0.999 and top5 >= 4.5
+
+
+def test_sketch_agrees_with_the_gaussian_as_well_as_another_gaussian_draw(
+    tmp_path, pairs, checkpoints, run_dir
+):
+    """The count-sketch projector is another random JL map: it must agree with the reference
+    Gaussian (seed 0) at least as well as a Gaussian of another seed does."""
+    ckpts = [str(p) for p in checkpoints]
+    sketch = attribute.build(
+        *pairs,
+        attribute.BuildConfig(checkpoints=ckpts, topk=20, projector="sketch"),
+        tmp_path / "s",
+    )
+    other = attribute.build(
+        *pairs,
+        attribute.BuildConfig(checkpoints=ckpts, topk=20, seed=1, projector="gaussian"),
+        tmp_path / "g1",
+    )
+    exact = np.load(run_dir / "scores.npy")
+    corr_s, top5_s = _agreement(np.load(sketch / "scores.npy"), exact)
+    corr_g, top5_g = _agreement(np.load(other / "scores.npy"), exact)
+    assert corr_s >= corr_g - 0.05 and top5_s >= top5_g - 0.5

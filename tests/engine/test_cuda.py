@@ -21,7 +21,7 @@ def test_cuda_build_matches_cpu_and_its_own_queries(tmp_path, pairs, checkpoints
         topk=20,
         device="cuda",
         grad_params="no-token-embedding",
-        projection_dtype="float32",
+        projector="gaussian",
     )
     run = attribute.build(*pairs, cfg, tmp_path / "cuda")
     scores = np.load(run / "scores.npy")
