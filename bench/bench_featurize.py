@@ -177,16 +177,13 @@ def main() -> None:
             rate = args.pairs / statistics.median(t_ours[kind])
             row += [f"{rate:.0f} ({rate / stock_rate:.1f}x)"]
         rows.append(tuple(row))
+        print(" | ".join(row), flush=True)
 
     header = (
         "parameters",
         "attributed params",
         "stock traker pairs/s",
-        "trakview float32 pairs/s",
-        "speed-up",
-        "trakview bfloat16 pairs/s (CPU default)",
-        "speed-up",
-        "trakview one-time setup s",
+        *(f"trakview {k} pairs/s (speed-up)" for k in KINDS),
     )
     table = [header, *rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]

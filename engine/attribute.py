@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 from trak import TRAKer
 
-from engine import data, embed, models, store
+from engine import data, embed, index, models, store
 from engine.trak import (
     ClipMargin,
     KeyedProjector,
@@ -270,6 +270,14 @@ def build(
     from engine import diagnose  # after scores: it reads what the stages above stored
 
     diagnose.finish_run(out, cfg, traker, len(states))
+    if not store.stage_done(out, "index"):
+        t = _Timer()
+        meta = index.build_run_indexes(out)
+        summary = {
+            n: {k: i.get(k) for k in ("kind", "n", "dim", "recall_at_10")}
+            for n, i in meta["indexes"].items()
+        }
+        store.mark_stage(out, "index", {"seconds": t.seconds(), "indexes": summary})
     projection = (
         f"traker {type(projector.dense_projector).__name__} (fast_jl) + keyed token blocks"
         if projector.dense_projector is not None
@@ -373,6 +381,7 @@ def _write_manifest(
             "ensemble_embedding_dim": int(emb_dim),
         },
         "projection": projection,
+        "indexes": store.read_stage(out, "index").get("indexes", {}),
         "conditioning": [
             {k: f[k] for k in ("rank", "proj_dim", "lambda", "condition") if k in f}
             for f in finalize

@@ -63,7 +63,7 @@ def demo(
     typer.echo(f"demo run ready: {run}")
     typer.echo(f"inspect it with: trakview info {run}")
     if not no_serve:
-        typer.echo("(the dashboard arrives with `trakview serve`; nothing to open yet)")
+        serve(run)
 
 
 @app.command()
@@ -138,6 +138,13 @@ def build(
     seed: Annotated[int, typer.Option(help="Seed of simulated batches and projection.")] = 0,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     half: Annotated[bool, typer.Option(help="float16 features (CUDA only).")] = False,
+    projector: Annotated[
+        str,
+        typer.Option(
+            help="JL projection of the gradients: gaussian, gaussian-bf16 or sketch (count sketch "
+            "then Gaussian, O(D) per pair); auto = sketch on CPU, gaussian on CUDA."
+        ),
+    ] = "auto",
     overwrite: Annotated[
         bool, typer.Option(help="Start the run again if OUT holds one with other settings.")
     ] = False,
@@ -160,6 +167,7 @@ def build(
         device=device,
         half=half,
         topk=topk,
+        projector=projector,
     )
     run = attribute.build(
         data.read_pairs(train_data), data.read_pairs(val_data), cfg, out, overwrite=overwrite
@@ -196,6 +204,80 @@ def query(
         typer.echo(f"\n{title}:")
         for c in cards:
             typer.echo(f"  {c.rank:>3}  {c.score:+.4g}  {c.id:<10} {c.caption}")
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="A run directory.")],
+    fmt: Annotated[
+        str, typer.Option("--format", help="zip, html, png (contact sheet), csv or json.")
+    ],
+    out: Annotated[Path, typer.Option(help="File to write (its folder is created if needed).")],
+    val: Annotated[
+        str | None, typer.Option(help="Validation pair id to export (or --image and --caption).")
+    ] = None,
+    image: Annotated[
+        Path | None, typer.Option(help="A new query's image (with --caption, instead of --val).")
+    ] = None,
+    caption: Annotated[
+        str | None, typer.Option(help="A new query's caption (with --image, instead of --val).")
+    ] = None,
+    k: Annotated[int, typer.Option("-k", help="Influencers per sign.")] = 10,
+    device: Annotated[str, typer.Option(help="cpu or cuda (new queries only).")] = "cpu",
+) -> None:
+    """Export a pair's influencer gallery as a zip, an offline html page, a png, csv or json."""
+    from engine import export as export_mod
+    from engine.query import QueryEngine
+
+    _setup_logging(False)
+    new_query = image is not None or caption is not None
+    if (val is not None and new_query) or (val is None and (image is None or caption is None)):
+        flags = (("--val", val), ("--image", image), ("--caption", caption))
+        given = [flag for flag, value in flags if value is not None]
+        raise data.InputError(
+            "give either --val ID or both --image PATH and --caption TEXT; got "
+            f"{' and '.join(given) or 'none of them'}"
+        )
+    export_mod.parse_format(fmt)
+    engine = QueryEngine.load(run, device=device)
+    if val is not None:
+        result, query_image = engine.for_val(val, k=k), None
+    else:
+        query_image = data.open_query_image(image)
+        result = engine.query(query_image, caption, k=k)
+    typer.echo(str(export_mod.export(run, result, fmt, out, query_image=query_image)))
+
+
+@app.command()
+def serve(
+    run: Annotated[Path, typer.Argument(help="A run directory.")],
+    port: Annotated[int, typer.Option(help="Port of the dashboard.")] = 8501,
+) -> None:
+    """Open the dashboard on a run (Streamlit; Ctrl-C stops it)."""
+    import importlib.util
+    import os
+    import signal
+    import subprocess
+
+    from engine import runs
+
+    runs.read_manifest(run)
+    app_py = Path(importlib.util.find_spec("dashboard").origin).parent / "app.py"
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app_py), "--server.port", str(port)]
+    cmd += ["--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    cmd += ["--theme.primaryColor", "#4575b4"]  # red and green mean negative and positive
+    typer.echo(f"dashboard of {run} on http://localhost:{port} (Ctrl-C stops it)")
+    proc = subprocess.Popen(cmd, env={**os.environ, "TRAKVIEW_RUN": str(Path(run).resolve())})
+    # Ctrl-C and SIGTERM go on to Streamlit, so stopping this process never leaves it running.
+    stops = (signal.SIGINT, signal.SIGTERM)
+    forward = {s: signal.signal(s, lambda n, _: proc.send_signal(n)) for s in stops}
+    try:
+        code = proc.wait()
+    finally:
+        for s, handler in forward.items():
+            signal.signal(s, handler)
+    if code not in (0, -signal.SIGINT, -signal.SIGTERM):
+        raise typer.Exit(code)
 
 
 @app.command()

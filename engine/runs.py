@@ -46,6 +46,12 @@ def summary(manifest: dict[str, Any]) -> str:
             f"  ckpt {m}     X^T X rank {cond.get('rank')}/{cond.get('proj_dim')}, "
             f"lambda {cond.get('lambda', 0):.3g}, condition {cond.get('condition', 0):.3g}"
         )
+    for name, idx in manifest.get("indexes", {}).items():
+        recall = idx.get("recall_at_10")
+        lines.append(
+            f"  index      {name}: {idx.get('kind')} over {idx.get('n')} x {idx.get('dim')}"
+            + (f", recall@10 {recall:.3f}" if recall is not None else "")
+        )
     total = sum(v for v in timings.values() if isinstance(v, (int, float)))
     lines.append(f"build time   {total:.1f} s over {len(timings)} stages")
     v = manifest.get("versions", {})

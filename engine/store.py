@@ -77,8 +77,9 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        np.save(tmp, array)
+    # through a handle: np.save adds ".npy" to a file name that lacks it
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, array)
 
 
 def load_npy(path: str | os.PathLike, mmap: bool = False) -> np.ndarray:

@@ -1,0 +1,321 @@
+"""Dashboard latency in a real browser: a page's first load, and a click on a new validation pair.
+
+Starts ``trakview serve RUN`` on a free port, drives headless Chromium with playwright and times
+
+* cold load: the first page load after the server started (imports, run opening);
+* first load: a fresh browser session opening ``/?val=ID`` until the galleries are complete;
+* new selection: a click on another pair's thumbnail until its galleries are complete.
+
+"Complete" means the header shows the new caption, every card of the helps / hurts / similar
+galleries (the ids expected from scores.npy and the CLIP embeddings) has its image loaded, and
+no element is stale (Streamlit's rerun has finished, plots included). Prints a table and writes it
+into BENCHMARKS.md between ``<!-- bench_dashboard:start -->`` and ``<!-- bench_dashboard:end -->``.
+
+    .venv/bin/python bench/bench_dashboard.py                  # /tmp/demo-full/run, ~2 minutes
+    .venv/bin/python bench/bench_dashboard.py --run RUN --repeats 20 --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import os
+import platform
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from engine import store  # noqa: E402
+
+START, END = "<!-- bench_dashboard:start -->", "<!-- bench_dashboard:end -->"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
+K = 6  # the Explore page's default k
+PICKER_PAGE = 12  # thumbnails on the picker's first page
+GALLERIES_JS = """([caption, keys]) => {
+    const heads = [...document.querySelectorAll('h3')].map(h => h.innerText);
+    if (!heads.some(h => h.includes(caption))) return false;
+    return keys.every(key => {
+        const card = document.querySelector('.' + key);
+        const img = card && card.querySelector('img');
+        return img && img.complete && img.naturalWidth > 0
+            && !card.closest('[data-stale="true"]');
+    });
+}"""
+# ... and the rerun has finished: nothing stale, both plots (histogram, maps) drawn.
+COMPLETE_JS = (
+    """([caption, keys]) => {
+    if (document.querySelector('[data-stale="true"]')) return false;
+    const drawn = [...document.querySelectorAll('.js-plotly-plot')].filter(
+        p => p.querySelector('.main-svg'));
+    if (drawn.length < 2) return false;
+    return ("""
+    + GALLERIES_JS
+    + """)([caption, keys]);
+}"""
+)
+
+
+def expected_cards(run: Path, j: int) -> list[str]:
+    """CSS classes of the cards the page must show for validation row j."""
+    scores = np.load(run / "scores.npy", mmap_mode="r")
+    column = np.asarray(scores[:, j])
+    similarity = np.load(run / "train_image_emb.npy") @ np.load(run / "val_image_emb.npy")[j]
+    keys = [f"st-key-ex-pos-card-{i}" for i in np.argsort(-column, kind="stable")[:K]]
+    keys += [f"st-key-ex-neg-card-{i}" for i in np.argsort(column, kind="stable")[:K]]
+    keys += [f"st-key-ex-sim-card-{i}" for i in np.argsort(-similarity, kind="stable")[:K]]
+    return keys
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve(run: Path):
+    """``trakview serve`` in its own process group; yields its URL, stops it on exit."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "serve", str(run), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        cwd=ROOT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            if proc.poll() is not None:
+                raise SystemExit(f"trakview serve exited with {proc.returncode}")
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"{url}/_stcore/health", timeout=2),
+            ):
+                break
+            time.sleep(0.5)
+        else:
+            raise SystemExit("the dashboard did not start in 120 s")
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def until_complete(page, t0: float, val: dict, keys: list[str], timeout_ms: int) -> tuple:
+    """Seconds since t0 until the galleries are complete, and until the whole page is."""
+    page.wait_for_function(GALLERIES_JS, arg=[val["caption"], keys], timeout=timeout_ms)
+    galleries = time.perf_counter() - t0
+    page.wait_for_function(COMPLETE_JS, arg=[val["caption"], keys], timeout=timeout_ms)
+    return galleries, time.perf_counter() - t0
+
+
+def load(browser, url: str, val: dict, keys: list[str], timeout_ms: int) -> tuple:
+    """A fresh session opening the pair's deep link (see ``until_complete``)."""
+    context = browser.new_context(viewport={"width": 1600, "height": 1200})
+    page = context.new_page()
+    t0 = time.perf_counter()
+    page.goto(f"{url}/?val={val['id']}")
+    seconds = until_complete(page, t0, val, keys, timeout_ms)
+    context.close()
+    return seconds
+
+
+def measure(run: Path, repeats: int) -> dict[str, list[tuple[float, float]]]:
+    from playwright.sync_api import sync_playwright
+
+    val = store.read_jsonl(run / "val.jsonl")
+    picks = list(range(1, min(PICKER_PAGE, len(val))))  # on the picker's first page
+    keys = {j: expected_cards(run, j) for j in [0, *picks]}
+    times: dict[str, list[tuple[float, float]]] = {
+        "cold load (first after start)": [],
+        "first load (new session)": [],
+        "new selection (click)": [],
+    }
+    with serve(run) as url, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        times["cold load (first after start)"].append(load(browser, url, val[0], keys[0], 180_000))
+        for _ in range(repeats):
+            times["first load (new session)"].append(load(browser, url, val[0], keys[0], 60_000))
+        page = browser.new_page(viewport={"width": 1600, "height": 1200})
+        page.goto(f"{url}/?val={val[0]['id']}")
+        until_complete(page, time.perf_counter(), val[0], keys[0], 60_000)
+        for r in range(repeats):
+            j = picks[r % len(picks)]  # never the pair already shown (picks holds no 0)
+            button = page.locator(f".st-key-pick-{val[j]['id']} button").first
+            t0 = time.perf_counter()
+            button.click()
+            times["new selection (click)"].append(until_complete(page, t0, val[j], keys[j], 60_000))
+        browser.close()
+    return times
+
+
+def full_height(page) -> None:
+    """Grows the viewport to the page's content: Streamlit scrolls inside its own container."""
+    height = page.evaluate(
+        """() => {
+            const main = document.querySelector('[data-testid="stMainBlockContainer"]');
+            return main.getBoundingClientRect().top + main.scrollHeight;
+        }"""
+    )
+    page.set_viewport_size({"width": 1600, "height": int(height) + 40})
+    page.wait_for_timeout(1500)  # plots re-layout to the new size
+
+
+def save(page, path: Path) -> None:
+    """A screenshot without the empty band Streamlit leaves below the content."""
+    from PIL import Image
+
+    page.screenshot(path=path)
+    with Image.open(path) as img:
+        pixels = np.asarray(img.convert("L"))  # (H, W)
+    sidebar = int(
+        page.evaluate(
+            "() => document.querySelector('[data-testid=\"stSidebar\"]')?.offsetWidth || 0"
+        )
+    )
+    busy = np.flatnonzero((pixels[:, sidebar + 8 :] < 250).any(axis=1))
+    if len(busy):
+        with Image.open(path) as img:
+            img.crop((0, 0, img.width, min(img.height, int(busy[-1]) + 48))).save(path)
+
+
+def screenshots(run: Path, out: Path, val_id: str, upload_image: Path, caption: str) -> None:
+    """Explore, Upload and Overview of the run as ``out/{explore,upload,overview}.png``."""
+    from playwright.sync_api import sync_playwright
+
+    val = {str(r["id"]): r for r in store.read_jsonl(run / "val.jsonl")}[val_id]
+    j = [str(r["id"]) for r in store.read_jsonl(run / "val.jsonl")].index(val_id)
+    out.mkdir(parents=True, exist_ok=True)
+    with serve(run) as url, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1600, "height": 1200})
+        page.goto(f"{url}/?val={val_id}")
+        until_complete(page, time.perf_counter(), val, expected_cards(run, j), 180_000)
+        full_height(page)
+        save(page, out / "explore.png")
+
+        page.set_viewport_size({"width": 1600, "height": 1200})
+        page.goto(f"{url}/upload")
+        page.locator('[data-testid="stFileUploader"] input[type=file]').set_input_files(
+            str(upload_image)
+        )
+        page.get_by_label("Caption", exact=True).fill(caption)
+        page.get_by_role("button", name="Find influencers").click()
+        page.get_by_role("heading", name=caption).wait_for(timeout=180_000)
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('.js-plotly-plot')]"
+            ".filter(p => p.querySelector('.main-svg')).length >= 2"
+            " && !document.querySelector('[data-stale=\"true\"]')",
+            timeout=60_000,
+        )
+        full_height(page)
+        save(page, out / "upload.png")
+
+        page.set_viewport_size({"width": 1600, "height": 1200})
+        page.goto(f"{url}/overview")
+        page.get_by_role("heading", name="Suspected mislabeled training pairs").wait_for(
+            timeout=60_000
+        )
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('.tv-img')].every(i => i.complete)"
+        )
+        full_height(page)
+        save(page, out / "overview.png")
+        browser.close()
+
+
+def table(run: Path, times: dict[str, list[tuple[float, float]]], load: tuple) -> str:
+    val = store.read_jsonl(run / "val.jsonl")
+    n_train = np.load(run / "scores.npy", mmap_mode="r").shape[0]
+    cpu = platform.processor() or platform.machine()
+    lines = [
+        "### Dashboard latency in a browser",
+        "",
+        f"`trakview serve` on {run} ({n_train} train, {len(val)} val pairs), headless Chromium "
+        f"(playwright), k = {K} per gallery. Galleries complete: the pair's caption and every "
+        "helps / hurts / similar card image loaded; whole page: also both plots drawn and "
+        f"nothing stale. {os.cpu_count()} "
+        f"cores ({cpu}), load average {load[0]:.1f} before / {load[1]:.1f} after (the machine "
+        f"is shared), {dt.date.today()}. `python bench/bench_dashboard.py`",
+        "",
+        "| measurement | galleries complete: median s | (min - max) | whole page with plots: "
+        "median s | (min - max) | repeats |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, values in times.items():
+        cells = []
+        for part in zip(*values, strict=True):
+            cells += [f"{statistics.median(part):.3f}", f"{min(part):.3f} - {max(part):.3f}"]
+        lines.append(f"| {name} | {' | '.join(cells)} | {len(values)} |")
+    return "\n".join(lines)
+
+
+def write_section(path: Path, text: str) -> None:
+    """Replaces this benchmark's section of BENCHMARKS.md (appends it if missing)."""
+    body = f"{START}\n{text}\n{END}"
+    old = path.read_text() if path.is_file() else "# Benchmarks\n"
+    if START in old and END in old:
+        new = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: body, old, flags=re.S)
+    else:
+        new = old.rstrip("\n") + "\n\n" + body + "\n"
+    path.write_text(new)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", type=Path, default=Path("/tmp/demo-full/run"))
+    parser.add_argument("--repeats", type=int, default=12, help="at least 10 for a median")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument(
+        "--screenshots", type=Path, help="only save explore/upload/overview.png in this folder"
+    )
+    parser.add_argument("--val", default="v0257", help="validation pair of the screenshots")
+    parser.add_argument(
+        "--upload",
+        type=Path,
+        default=Path("/tmp/demo-full/data/images/val/v0113.png"),
+        help="image uploaded for the Upload screenshot",
+    )
+    parser.add_argument("--caption", default="a blue circle in the top left corner")
+    args = parser.parse_args()
+    if args.screenshots:
+        screenshots(args.run.resolve(), args.screenshots, args.val, args.upload, args.caption)
+        return
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    before = os.getloadavg()[0]
+    times = measure(args.run.resolve(), args.repeats)
+    text = table(args.run, times, (before, os.getloadavg()[0]))
+    print(text)
+    if not args.no_write:
+        write_section(ROOT / "BENCHMARKS.md", text)
+
+
+if __name__ == "__main__":
+    main()

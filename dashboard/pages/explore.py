@@ -1,0 +1,53 @@
+"""Explore: pick a validation pair, see which training pairs help and hurt its CLIP match."""
+
+import streamlit as st
+
+from dashboard import state, ui
+
+run = state.open_run()
+ids = [str(r["id"]) for r in run.val]
+if not ids:
+    st.info("This run has no validation pairs to explore; try the Upload page.")
+    st.stop()
+
+# A changed ?val=ID in the URL wins, so a shared link opens its pair; the picker's callbacks set
+# both the session's pair and the URL.
+wanted = st.query_params.get("val")
+if wanted is not None and wanted != st.session_state.get(ui.VAL_KEY):
+    if wanted in run.engine.val_index:
+        st.session_state[ui.VAL_KEY] = wanted
+    else:
+        st.warning(f"No validation pair with id `{wanted}` in this run; pick one on the left.")
+st.session_state.setdefault(ui.VAL_KEY, ids[0])
+val_id = st.session_state[ui.VAL_KEY]
+st.query_params["val"] = val_id
+
+with st.sidebar:
+    ui.val_picker(run, val_id)
+
+st.title("Why does the model match this pair?")
+st.caption(
+    "TRAK scores every training pair by how much it raises (green) or lowers (red) the model's "
+    "CLIP margin for the selected image and caption. Pick another pair on the left."
+)
+j = run.engine.val_position(val_id)
+rec = run.val[j]
+header = st.container()
+k = ui.k_input("ex-k")
+result = run.for_val(val_id, k)
+with header:
+    ui.pair_header(
+        run.image_path(rec["image"]),
+        rec["caption"],
+        {
+            "Validation pair": (val_id, "Its id; the URL of this page links to it."),
+            "CLIP similarity": (ui.fmt(result.clip_similarity), "Cosine of image and caption."),
+            "CLIP margin": (ui.fmt(result.margin), "The model output TRAK attributes."),
+            "Caption rank": (
+                f"{int(run.caption_rank[j])} of {len(ids)}",
+                "Rank of this caption among all validation captions for this image (1 = best).",
+            ),
+        },
+        rec,
+    )
+ui.influence_view(run, result, k, "ex")

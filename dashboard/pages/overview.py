@@ -1,0 +1,107 @@
+"""Overview: the run's facts, the training pairs that matter most overall, suspected mislabels."""
+
+import html
+
+import numpy as np
+import streamlit as st
+
+from dashboard import state, ui
+from engine.query import QueryResult
+
+run = state.open_run()
+manifest = run.engine.manifest
+cfg, counts = manifest["config"], manifest["counts"]
+timings = {k: v for k, v in manifest.get("timings_seconds", {}).items() if v is not None}
+
+st.title("Overview of the run")
+st.caption(f"`{run.path}` · model `{cfg['model']}`")
+facts = {
+    "Checkpoints": counts["n_checkpoints"],
+    "Training pairs": f"{counts['n_train']:,}",
+    "Validation pairs": f"{counts['n_val']:,}",
+    "Projection dim": counts["proj_dim"],
+    "Build time": f"{sum(timings.values()):.1f} s",
+}
+for col, (label, value) in zip(st.columns(len(facts)), facts.items(), strict=True):
+    col.metric(label, value)
+with st.expander("Settings, checkpoints and build timings"):
+    left, mid, right = st.columns(3)
+    left.markdown("**Settings**")
+    left.dataframe({"setting": list(cfg), "value": [str(v) for v in cfg.values()]}, hide_index=True)
+    mid.markdown("**Checkpoints**")
+    mid.dataframe(
+        {
+            "path": [c["path"] for c in manifest["checkpoints"]],
+            "sha256": [c["sha256"][:12] for c in manifest["checkpoints"]],
+        },
+        hide_index=True,
+    )
+    right.markdown("**Build timings (s)**")
+    right.dataframe({"stage": list(timings), "seconds": list(timings.values())}, hide_index=True)
+    st.caption(
+        "versions: " + ", ".join(f"{k} {v}" for k, v in manifest.get("versions", {}).items())
+    )
+
+k = ui.k_input("ov-k", default=8)
+opened = []
+
+st.header("Most helpful and most harmful overall")
+st.caption(
+    f"Each training pair's scores summed over all {counts['n_val']} validation pairs: green pairs "
+    "raise the model's CLIP margins across the validation set, red pairs lower them."
+)
+total = run.total_scores
+whole = QueryResult(
+    caption=f"all {counts['n_val']} validation pairs (scores summed)",
+    positive=run.cards(np.argsort(-total, kind="stable")[:k], total, "positive"),
+    negative=run.cards(np.argsort(total, kind="stable")[:k], total, "negative"),
+    similar=[],
+    clip_similarity=float(np.mean(run.engine.val_clip_sim)),
+    margin=float(np.mean(run.engine.val_margin)),
+    scores=total,
+    train_similarity=np.zeros_like(total),
+)
+opened.append(ui.gallery(run, whole.positive, "positive", "ov-pos", n_cols=8))
+opened.append(ui.gallery(run, whole.negative, "negative", "ov-neg", n_cols=8))
+ui.export_buttons(run, whole, "ov-whole", query_image=run.val_mosaic)
+
+st.header("Suspected mislabeled training pairs")
+if run.suspect is None:
+    st.info("This run has no suspect_mislabeled.npy (built by `trakview build`'s diagnose stage).")
+else:
+    st.caption(
+        "Training pairs ranked by TRAK self-influence (suspect_mislabeled.npy): a pair whose "
+        "caption contradicts its image has a large loss and a gradient the rest of the data does "
+        "not explain. Where the demo's ground truth is known it is shown."
+    )
+    order = np.argsort(-run.suspect, kind="stable")[:k]
+    suspects = run.cards(order, run.suspect, "suspect")
+    notes = {}
+    for card in suspects:
+        rec = run.train[card.index]
+        if "mislabeled" in rec:
+            notes[card.index] = (
+                f"<small>true caption: <i>{html.escape(rec.get('true_caption', '?'))}</i></small>"
+                if rec["mislabeled"]
+                else ":gray-badge[caption correct]"
+            )
+    if notes:
+        hits = sum(bool(run.train[c.index].get("mislabeled")) for c in suspects)
+        st.markdown(f"**{hits} of the top {len(suspects)}** are truly mislabeled (demo truth).")
+    opened.append(ui.gallery(run, suspects, "suspect", "ov-sus", n_cols=8, notes=notes))
+    flagged = QueryResult(
+        caption="suspected mislabeled training pairs",
+        positive=suspects,
+        negative=[],
+        similar=[],
+        clip_similarity=float("nan"),
+        margin=float("nan"),
+        scores=run.suspect,
+        train_similarity=np.zeros_like(run.suspect),
+        notes=["Cards are ranked by suspicion (suspect_mislabeled.npy), not by TRAK score."],
+    )
+    ui.export_buttons(run, flagged, "ov-sus", query_image=run.val_mosaic)
+
+clicked = ui.first(opened)
+if clicked is not None:
+    ui.train_detail(run, clicked)

@@ -1,0 +1,481 @@
+"""Reusable pieces of the dashboard: pair cards, influencer galleries, score plots, export.
+
+Each function draws and returns what the user chose as a plain value (a training row that was
+clicked, a k, ...); the pages decide what to do with it.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Sequence
+from dataclasses import replace
+
+import numpy as np
+import plotly.graph_objects as go
+import streamlit as st
+from PIL import Image
+from plotly.subplots import make_subplots
+
+from dashboard.state import Run
+from engine import export
+from engine.query import Influencer, QueryResult
+
+GREEN, RED, BLUE, GREY = "#1a9850", "#d73027", "#4575b4", "#b0b0b0"
+COLOUR = {"positive": GREEN, "negative": RED, "similar": BLUE}
+MD_COLOUR = {"positive": "green", "negative": "red", "similar": "blue", "suspect": "orange"}
+TITLE = {
+    "positive": "Helps most",
+    "negative": "Hurts most",
+    "similar": "Most similar images (CLIP)",
+    "suspect": "Most suspect",
+}
+HELP = {
+    "positive": "Training pairs whose presence raises the model's CLIP margin for this pair "
+    "(positive TRAK score).",
+    "negative": "Training pairs whose presence lowers the CLIP margin (negative TRAK score).",
+    "similar": "Nearest training images by CLIP similarity, for comparison: similar is not the "
+    "same as influential.",
+}
+# 64-pixel demo images stay crisp when upscaled; photos (key "photo") keep smooth scaling.
+CSS = """<style>
+[data-testid="stImage"] img, .tv-img.px { image-rendering: pixelated; }
+.st-key-photo img { image-rendering: auto !important; }
+.tv-img { display: block; width: 100% !important; aspect-ratio: 1; object-fit: contain !important;
+  border-radius: 6px; background: #f3f4f6; margin-bottom: 0.45rem; }
+.tv-row { display: flex; gap: 0.7rem; align-items: center; }
+.tv-row .tv-img { width: 76px !important; flex: none; margin: 0; }
+.tv-cap { font-size: 0.82rem; line-height: 1.3; height: 5.2em; overflow: hidden;
+  display: -webkit-box; -webkit-line-clamp: 4; -webkit-box-orient: vertical; }
+.tv-row .tv-cap { height: auto; -webkit-line-clamp: 3; }
+[data-testid="stMainBlockContainer"] { padding-top: 2.5rem; }
+[data-testid="stAppDeployButton"] { display: none; }
+</style>"""
+
+
+VAL_KEY = "val_id"  # session key of the selected validation pair (the URL's ?val=)
+PICKER_PAGE = 12
+
+
+def choose_val(val_id: str) -> None:
+    """Callback: select a validation pair (runs before the page, so all of it sees the choice)."""
+    st.session_state[VAL_KEY] = val_id
+    st.query_params["val"] = val_id
+
+
+def _first_page() -> None:
+    st.session_state["picker-page"] = 1
+
+
+def val_picker(run: Run, selected: str) -> None:
+    """Search box, random button and a paged thumbnail grid of validation pairs.
+
+    A click selects a pair through ``choose_val`` (``st.session_state[VAL_KEY]``).
+    """
+    st.subheader("Pick a validation pair")
+    text = st.text_input(
+        "Search",
+        placeholder="e.g. a red circle on the left",
+        key="picker-text",
+        on_change=_first_page,
+    )
+    mode = st.radio(
+        "Match",
+        ["meaning", "words"],
+        format_func={"meaning": "by meaning (CLIP)", "words": "words in caption"}.get,
+        horizontal=True,
+        key="picker-mode",
+        on_change=_first_page,
+        label_visibility="collapsed",
+    )
+    with st.spinner("Embedding the query…"):
+        rows = run.search_val(text, mode)
+    ids = [str(run.val[j]["id"]) for j in rows]
+    st.button(
+        "Random pair",
+        icon=":material/casino:",
+        key="picker-random",
+        on_click=lambda: choose_val(str(np.random.default_rng().choice(ids or [selected]))),
+        width="stretch",
+    )
+    if not rows:
+        st.caption("No caption contains these words.")
+        return
+    n_pages = max(1, math.ceil(len(rows) / PICKER_PAGE))
+    page = int(
+        st.number_input(f"Page (of {n_pages}; {len(rows)} pairs)", 1, n_pages, 1, key="picker-page")
+    )
+    shown = rows[(page - 1) * PICKER_PAGE : page * PICKER_PAGE]
+    for start in range(0, len(shown), 3):
+        for col, j in zip(st.columns(3), shown[start : start + 3], strict=False):
+            rec = run.val[j]
+            with col:
+                st.markdown(run.thumbnail(rec["image"]), unsafe_allow_html=True)
+                st.button(
+                    str(rec["id"]),
+                    key=f"pick-{rec['id']}",
+                    help=rec["caption"],
+                    on_click=choose_val,
+                    args=(str(rec["id"]),),
+                    type="primary" if str(rec["id"]) == selected else "secondary",
+                    width="stretch",
+                )
+
+
+def badges(rec: dict) -> str:
+    """Short inline badges for the demo's ground-truth flags of a training pair."""
+    out = ""
+    if rec.get("mislabeled"):
+        out += " :red-badge[mislabeled]"
+    if rec.get("near_duplicate_of"):
+        out += " :orange-badge[near dup]"
+    if rec.get("rare"):
+        out += " :violet-badge[rare]"
+    return out
+
+
+def facts(rec: dict) -> str:
+    """Markdown badges for the demo's ground-truth fields of a pair (empty for real data)."""
+    out = []
+    if rec.get("mislabeled"):
+        out.append(f":red-badge[mislabeled] true caption: *{rec.get('true_caption', '?')}*")
+    if rec.get("near_duplicate_of"):
+        out.append(f":orange-badge[near duplicate of {rec['near_duplicate_of']}]")
+    if rec.get("rare"):
+        out.append(":violet-badge[rare]")
+    attrs = [f"{k}: {rec[k]}" for k in ("shape", "colour", "size", "position") if rec.get(k)]
+    if attrs:
+        out.append(":gray[" + " · ".join(attrs) + "]")
+    return "  \n".join(out)
+
+
+def pair_header(
+    image: str | bytes, caption: str, metrics: dict[str, str], rec: dict | None = None
+) -> None:
+    """The target pair: its image, caption, CLIP numbers and ground-truth facts."""
+    left, right = st.columns([1, 4], vertical_alignment="center")
+    with left, st.container(key="photo" if isinstance(image, bytes) else None):
+        st.image(image, width=220)
+    with right:
+        st.markdown(f"### “{caption}”")
+        for col, (label, (value, help_)) in zip(
+            st.columns(len(metrics)), metrics.items(), strict=True
+        ):
+            col.metric(label, value, help=help_)
+        if rec and facts(rec):
+            st.markdown(facts(rec))
+
+
+def k_input(key: str, default: int = 6) -> int:
+    return int(st.slider("Influencers shown per gallery (k)", 1, 50, default, key=key, width=420))
+
+
+def gallery(
+    run: Run,
+    cards: Sequence[Influencer],
+    sign: str,
+    key: str,
+    n_cols: int,
+    notes: dict[int, str] | None = None,
+) -> int | None:
+    """A grid of training-pair cards; returns the training row whose card was opened, if any.
+
+    ``notes`` adds a markdown line to the card of a training row.
+    """
+    st.markdown(f"#### :{MD_COLOUR[sign]}[{TITLE[sign]}]", help=HELP.get(sign))
+    opened = None
+    for start in range(0, len(cards), n_cols):
+        cols = st.columns(n_cols)
+        for col, card in zip(cols, cards[start : start + n_cols], strict=False):
+            with col.container(border=True, key=f"{key}-card-{card.index}", gap="small"):
+                note = f"\n\n{notes[card.index]}" if notes and notes.get(card.index) else ""
+                st.markdown(
+                    f"{run.thumbnail(card.image)}\n\n"
+                    f"**#{card.rank}** :{MD_COLOUR[sign]}[**{card.score:+.4f}**]"
+                    f"{badges(run.train[card.index])}{_caption(card.caption)}{note}",
+                    unsafe_allow_html=True,
+                )
+                if st.button(
+                    card.id,
+                    key=f"{key}-open-{card.index}",
+                    help="Open this training pair",
+                    type="tertiary",
+                    icon=":material/open_in_full:",
+                ):
+                    opened = card.index
+    if not cards:
+        st.caption("nothing to show")
+    return opened
+
+
+def _caption(text: str) -> str:
+    text = html.escape(text)
+    return f'<div class="tv-cap" title="{text}">{text}</div>'
+
+
+def compact_list(run: Run, cards: Sequence[Influencer], sign: str, key: str) -> int | None:
+    """A narrow column of small cards (image beside text); returns the row opened, if any."""
+    st.markdown(f"#### :{MD_COLOUR[sign]}[{TITLE[sign]}]", help=HELP.get(sign))
+    opened = None
+    for card in cards:
+        with st.container(border=True, key=f"{key}-card-{card.index}", gap="small"):
+            st.markdown(
+                f'<div class="tv-row">{run.thumbnail(card.image)}<div>'
+                f"<b>#{card.rank}</b> <b style='color:{COLOUR[sign]}'>{card.score:.3f}</b>"
+                f"{_caption(card.caption)}</div></div>",
+                unsafe_allow_html=True,
+            )
+            if st.button(
+                card.id,
+                key=f"{key}-open-{card.index}",
+                help="Open this training pair",
+                type="tertiary",
+                icon=":material/open_in_full:",
+            ):
+                opened = card.index
+    return opened
+
+
+def export_buttons(
+    run: Run, result: QueryResult, key: str, query_image: Image.Image | None = None
+) -> None:
+    """Download buttons (zip, html, png, csv) for a result's helps/hurts galleries.
+
+    The files are built by ``engine.export`` only when a button is clicked.
+    """
+    mimes = {"zip": "application/zip", "html": "text/html", "png": "image/png", "csv": "text/csv"}
+    name = (result.val_id or "query").replace("/", "_")
+    with st.container(
+        horizontal=True, gap="small", key=f"{key}-export", vertical_alignment="center"
+    ):
+        st.caption("Download these galleries:", width="content")
+        for fmt, mime in mimes.items():
+            st.download_button(
+                fmt.upper(),
+                data=lambda fmt=fmt: export.gallery_bytes(run.path, result, fmt, query_image),
+                file_name=f"trakview-{name}.{fmt}",
+                mime=mime,
+                key=f"{key}-export-{fmt}",
+                on_click="ignore",
+                icon=":material/download:",
+            )
+
+
+# --- plots ---------------------------------------------------------------------------------------
+
+
+def _layout(fig: go.Figure, title: str, x: str, y: str) -> go.Figure:
+    fig.update_layout(
+        title=dict(
+            text=f"<b>{title}</b>", font=dict(size=15, color="#31333f"), x=0.5, xanchor="center"
+        ),
+        xaxis_title=x,
+        yaxis_title=y,
+        height=360,
+        margin=dict(l=10, r=10, t=40, b=10),
+        showlegend=True,
+        legend=dict(orientation="h", y=-0.22),
+    )
+    return fig
+
+
+def score_histogram(scores: np.ndarray, pos: list[Influencer], neg: list[Influencer]):
+    """Distribution of the target's scores over all training pairs, shown top-k marked."""
+    fig = go.Figure(go.Histogram(x=scores, nbinsx=80, marker_color=GREY, name="all training"))
+    for cards, sign in ((pos, "positive"), (neg, "negative")):
+        fig.add_trace(
+            go.Scatter(
+                x=[c.score for c in cards],
+                y=[0.6] * len(cards),
+                mode="markers",
+                marker=dict(symbol="triangle-up", size=11, color=COLOUR[sign]),
+                name=f"shown: {TITLE[sign].lower()}",
+                text=[c.id for c in cards],
+                hovertemplate="%{text}: %{x:.4f}<extra></extra>",
+            )
+        )
+    fig.update_yaxes(type="log", dtick=1)
+    return _layout(fig, "Scores of all training pairs", "TRAK score", "pairs (log)")
+
+
+def _points(fig: go.Figure, col: int, x: np.ndarray, y: np.ndarray, idx, ids, **kw) -> None:
+    fig.add_trace(
+        go.Scattergl(
+            x=x[idx],
+            y=y[idx],
+            mode="markers",
+            customdata=idx,
+            text=[ids[i] for i in idx],
+            hovertemplate="%{text}<br>x %{x:.3f}, y %{y:.4f}<extra></extra>",
+            **kw,
+        ),
+        row=1,
+        col=col,
+    )
+
+
+def influence_maps(
+    scores: np.ndarray,
+    similarity: np.ndarray,
+    coords: np.ndarray,
+    ids: list[str],
+    pos: list[Influencer],
+    neg: list[Influencer],
+) -> go.Figure:
+    """Two views of all training pairs, one figure (one WebGL canvas, so it redraws faster).
+
+    Left: TRAK score against CLIP image similarity. Right: the 2-D PCA map of the training
+    images coloured by the target's scores. The shown top-k are highlighted in both.
+    """
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        horizontal_spacing=0.1,
+        subplot_titles=["<b>Influence vs. similarity</b>", "<b>Map of training images (PCA)</b>"],
+    )
+    fig.update_annotations(font=dict(size=15, color="#31333f"))
+    shown_pos = np.array([c.index for c in pos], dtype=int)
+    shown_neg = np.array([c.index for c in neg], dtype=int)
+    rest = np.setdiff1d(np.arange(len(scores)), np.concatenate([shown_pos, shown_neg]))
+    _points(fig, 1, similarity, scores, rest, ids, marker=dict(color=GREY, size=4), name="other")
+    for idx, sign in ((shown_pos, "positive"), (shown_neg, "negative")):
+        _points(
+            fig,
+            1,
+            similarity,
+            scores,
+            idx,
+            ids,
+            marker=dict(color=COLOUR[sign], size=9, line=dict(width=1, color="white")),
+            name=f"shown: {TITLE[sign].lower()}",
+        )
+    lim = float(np.abs(scores).max()) or 1.0
+    order = np.argsort(np.abs(scores), kind="stable")  # strongest drawn last, on top
+    _points(
+        fig,
+        2,
+        coords[:, 0],
+        coords[:, 1],
+        order,
+        ids,
+        marker=dict(
+            color=scores[order],
+            colorscale=[[0, RED], [0.5, "#eeeeee"], [1, GREEN]],
+            cmin=-lim,
+            cmax=lim,
+            size=6,
+            colorbar=dict(title="score", thickness=10),
+        ),
+        name="training images (colour: score)",
+    )
+    _points(
+        fig,
+        2,
+        coords[:, 0],
+        coords[:, 1],
+        np.concatenate([shown_pos, shown_neg]),
+        ids,
+        marker=dict(size=11, color="rgba(0,0,0,0)", line=dict(width=1.5, color="black")),
+        name="shown in galleries",
+    )
+    fig.update_xaxes(title_text="CLIP image similarity", row=1, col=1)
+    fig.update_yaxes(title_text="TRAK score", row=1, col=1)
+    fig.update_xaxes(title_text="PC 1", showticklabels=False, row=1, col=2)
+    fig.update_yaxes(title_text="PC 2", showticklabels=False, row=1, col=2)
+    fig.update_layout(
+        height=360,
+        margin=dict(l=10, r=10, t=40, b=10),
+        legend=dict(orientation="h", y=-0.22),
+    )
+    return fig
+
+
+def plot(fig: go.Figure, key: str) -> int | None:
+    """Draws a figure; returns a training row newly clicked on it (once per click)."""
+    event = st.plotly_chart(
+        fig, key=key, on_select="rerun", selection_mode="points", config={"displaylogo": False}
+    )
+    points = (event or {}).get("selection", {}).get("points", []) if event else []
+    picked = next((p.get("customdata") for p in points if p.get("customdata") is not None), None)
+    if isinstance(picked, list):
+        picked = picked[0]
+    seen_key = f"{key}-seen"
+    if picked is None or st.session_state.get(seen_key) == picked:
+        st.session_state[seen_key] = picked
+        return None
+    st.session_state[seen_key] = picked
+    return int(picked)
+
+
+# --- a whole result ------------------------------------------------------------------------------
+
+
+@st.dialog("Training pair", width="large")
+def train_detail(run: Run, index: int) -> None:
+    """A training pair: its image and caption, ground truth, and the validation pairs it moves."""
+    rec = run.train[index]
+    left, right = st.columns([1, 3])
+    left.image(run.image_path(rec["image"]), width="stretch")
+    with right:
+        st.markdown(f"### “{rec['caption']}”")
+        st.markdown(f"`{rec['id']}` · row {index}")
+        if facts(rec):
+            st.markdown(facts(rec))
+    row = np.asarray(run.engine.scores[index], dtype=np.float32)  # (n_val,)
+    n = min(5, len(row))
+    for title, order, sign in (
+        ("Validation pairs it helps most", np.argsort(-row, kind="stable")[:n], "positive"),
+        ("Validation pairs it hurts most", np.argsort(row, kind="stable")[:n], "negative"),
+    ):
+        st.markdown(f"**:{MD_COLOUR[sign]}[{title}]**")
+        for col, j in zip(st.columns(n), order, strict=True):
+            val = run.val[int(j)]
+            with col.container(border=True, gap="small"):
+                st.markdown(
+                    f'<div class="tv-row">{run.thumbnail(val["image"])}<div>'
+                    f"<b style='color:{COLOUR[sign]}'>{row[j]:+.4f}</b>"
+                    f"{_caption(val['caption'])}</div></div>",
+                    unsafe_allow_html=True,
+                )
+                st.page_link(
+                    "pages/explore.py",
+                    label=str(val["id"]),
+                    icon=":material/arrow_forward:",
+                    query_params={"val": val["id"]},
+                )
+
+
+def influence_view(
+    run: Run, result: QueryResult, k: int, key: str, query_image: Image.Image | None = None
+) -> None:
+    """Galleries (helps / hurts / similar), export buttons and the score plots."""
+    ids = [str(r["id"]) for r in run.train]
+    main, side = st.columns([4, 1], gap="medium")
+    pos, neg = result.positive[:k], result.negative[:k]
+    with main:
+        clicks = [gallery(run, pos, "positive", f"{key}-pos", n_cols=6)]
+        clicks.append(gallery(run, neg, "negative", f"{key}-neg", n_cols=6))
+        shown = replace(result, positive=pos, negative=neg, similar=result.similar[:k])
+        export_buttons(run, shown, key, query_image)
+    with side:
+        clicks.append(compact_list(run, result.similar[:k], "similar", f"{key}-sim"))
+    st.divider()
+    st.caption("Click a point to open that training pair.")
+    left, right = st.columns([1, 2])
+    with left:
+        plot(score_histogram(result.scores, pos, neg), f"{key}-hist")
+    with right:
+        fig = influence_maps(result.scores, result.train_similarity, run.pca, ids, pos, neg)
+        clicks.append(plot(fig, f"{key}-maps"))
+    opened = first(clicks)
+    if opened is not None:
+        train_detail(run, opened)
+
+
+def first(values: Sequence[int | None]) -> int | None:
+    """The first value that is not None (row 0 is a valid training row)."""
+    return next((v for v in values if v is not None), None)
+
+
+def fmt(value: float, digits: int = 3) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"

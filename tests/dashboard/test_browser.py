@@ -1,0 +1,190 @@
+"""One real browser session: `trakview serve` on the small run, driven by headless Chromium.
+
+Deep link -> influencer images, text search, upload -> influencers, zip download whose
+influencers.csv matches scores.npy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine import store
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
+START_TIMEOUT_S = 120
+WAIT_MS = 60_000
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(run_dir, tmp_path_factory):
+    """`trakview serve RUN --port N` in its own process group; stopped even if a test fails."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
+    pytest.importorskip("playwright.sync_api", reason="needs `pip install playwright`")
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "engine.cli", "serve", str(run_dir), "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own group: teardown can stop Streamlit with it
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"trakview serve exited with {proc.returncode}:\n{log.read_text()}")
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"dashboard not up after {START_TIMEOUT_S} s:\n{log.read_text()}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)  # trakview forwards it to Streamlit
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+        with contextlib.suppress(ProcessLookupError):  # anything left in the group
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, timeout=WAIT_MS
+        )
+        try:
+            context = browser.new_context(viewport={"width": 1600, "height": 1200})
+            page = context.new_page()
+            page.set_default_timeout(WAIT_MS)
+            yield page
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="module")
+def arrays(run_dir):
+    return {
+        "scores": np.load(run_dir / "scores.npy"),
+        "train": store.read_jsonl(run_dir / "train.jsonl"),
+        "val": store.read_jsonl(run_dir / "val.jsonl"),
+    }
+
+
+def wait_images(page, selector: str, n: int) -> None:
+    """Waits until ``n`` images under ``selector`` have loaded their pixels."""
+    page.wait_for_function(
+        """([sel, n]) => {
+            const imgs = [...document.querySelectorAll(sel)];
+            return imgs.length >= n && imgs.every(i => i.complete && i.naturalWidth > 0);
+        }""",
+        arg=[selector, n],
+    )
+
+
+def test_deep_link_shows_the_influencers(page, server, arrays):
+    j = 4
+    val = arrays["val"][j]
+    page.goto(f"{server}/?val={val['id']}")
+    page.get_by_text(val["caption"], exact=False).first.wait_for()
+    order = np.argsort(-arrays["scores"][:, j], kind="stable")[:6]
+    for i in order:
+        wait_images(page, f".st-key-ex-pos-card-{i} img", 1)
+    wait_images(page, '[class*="st-key-ex-neg-card-"] img', 6)
+    assert f"val={val['id']}" in page.url
+
+
+def test_search_by_text_then_select(page, server, arrays):
+    page.goto(f"{server}/?val={arrays['val'][0]['id']}")
+    page.get_by_text("words in caption").click()
+    box = page.get_by_placeholder("e.g. a red circle on the left")
+    box.fill("square")
+    box.press("Enter")
+    expected = [str(r["id"]) for r in arrays["val"] if "square" in r["caption"].lower()][:12]
+    page.wait_for_function(
+        """ids => {
+            const shown = [...document.querySelectorAll('[class*="st-key-pick-"] button')];
+            return [...new Set(shown.map(b => b.innerText.trim()))].join() === ids.join();
+        }""",
+        arg=expected,
+    )
+    page.locator(f".st-key-pick-{expected[0]} button").first.click()
+    caption = next(r["caption"] for r in arrays["val"] if str(r["id"]) == expected[0])
+    page.get_by_role("heading", name=caption).wait_for()
+    page.wait_for_url(f"**val={expected[0]}")
+
+
+def test_zip_download_matches_scores(page, server, arrays, tmp_path):
+    j = 9
+    page.goto(f"{server}/?val={arrays['val'][j]['id']}")
+    page.get_by_text(arrays["val"][j]["caption"]).first.wait_for()
+    button = page.locator(".st-key-ex-export-zip button")
+    with page.expect_download(timeout=WAIT_MS) as info:
+        button.click()
+    path = tmp_path / "gallery.zip"
+    info.value.save_as(path)
+    with zipfile.ZipFile(path) as archive:
+        rows = list(csv.DictReader(io.StringIO(archive.read("influencers.csv").decode())))
+    column = arrays["scores"][:, j]
+    pos = [r for r in rows if r["sign"] == "positive"]
+    neg = [r for r in rows if r["sign"] == "negative"]
+    assert len(pos) == len(neg) == 6  # the page's default k
+    assert [int(r["train_index"]) for r in pos] == list(np.argsort(-column, kind="stable")[:6])
+    assert [int(r["train_index"]) for r in neg] == list(np.argsort(column, kind="stable")[:6])
+    for r in rows:
+        assert float(r["score"]) == pytest.approx(float(column[int(r["train_index"])]), rel=1e-6)
+
+
+def test_upload_gets_influencers(page, server, run_dir, arrays):
+    rec = arrays["val"][2]
+    page.goto(f"{server}/upload")
+    page.locator('[data-testid="stFileUploader"] input[type=file]').set_input_files(
+        str(run_dir / rec["image"])
+    )
+    page.get_by_label("Caption", exact=True).fill(rec["caption"])
+    page.get_by_role("button", name="Find influencers").click()
+    page.get_by_role("heading", name=rec["caption"]).wait_for()
+    wait_images(page, '[class*="-pos-card-"] img', 6)
+    wait_images(page, '[class*="-neg-card-"] img', 6)
