@@ -1,4 +1,4 @@
-"""The ``trakview`` command line: demo | train | build | query | info.
+"""The ``trakview`` command line: demo | train | build | serve | query | export | info.
 
 Every command turns its flags into the engine's config dataclasses; errors from bad input are
 printed as one line (``error: ...``) with exit status 2, never as a traceback.
