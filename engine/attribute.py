@@ -13,6 +13,7 @@ import functools
 import hashlib
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -156,16 +157,17 @@ def _open_run(out: Path, cfg: BuildConfig, identity: dict[str, Any], overwrite: 
     store.write_json(path, wanted)
 
 
+def _relative_to_run(path: Path, out: Path) -> str:
+    """``path`` relative to the run directory, so that a folder holding both can be moved."""
+    return Path(os.path.relpath(path.resolve(), out.resolve())).as_posix()
+
+
 def _run_pairs(pairs: data.PairSet, out: Path) -> list[dict[str, Any]]:
     """Records for the run's jsonl: image paths relative to the run directory."""
     rows = []
     for i, rec in enumerate(pairs.records):
-        image = pairs.image_path(i).resolve()
-        try:
-            rel = image.relative_to(out.resolve())
-        except ValueError:
-            rel = Path(*([".."] * len(out.resolve().parts[1:])), *image.parts[1:])
-        rows.append({**rec, "id": str(rec["id"]), "image": rel.as_posix()})
+        rel = _relative_to_run(pairs.image_path(i), out)
+        rows.append({**rec, "id": str(rec["id"]), "image": rel})
     return rows
 
 
@@ -370,7 +372,7 @@ def _write_manifest(
         },
         "config": asdict(cfg),
         "checkpoints": [
-            {"path": str(Path(p).resolve()), "sha256": h}
+            {"path": _relative_to_run(Path(p), out), "sha256": h}
             for p, h in zip(cfg.checkpoints, ckpt_hashes, strict=True)
         ],
         "counts": {

@@ -141,7 +141,7 @@ class QueryEngine:
         out_to_loss = 0.0
         for m, ckpt in enumerate(self.manifest["checkpoints"]):
             bundle = models.create(self.cfg["model"], device=self.device)
-            models.load_into(bundle.model, ckpt["path"])
+            models.load_into(bundle.model, self.run / ckpt["path"])  # relative to the run
             task = ClipMargin()
             task.set_embeddings(
                 torch.from_numpy(
