@@ -96,18 +96,7 @@ class Run:
 
     def cards(self, rows: np.ndarray, values: np.ndarray, sign: str) -> list[Influencer]:
         """Gallery cards for training rows, ranked in the given order."""
-        return [
-            Influencer(
-                rank=r + 1,
-                sign=sign,
-                index=int(i),
-                id=str(self.train[i]["id"]),
-                caption=self.train[i]["caption"],
-                image=self.train[i]["image"],
-                score=float(values[i]),
-            )
-            for r, i in enumerate(rows)
-        ]
+        return self.engine.cards(rows, values, sign)
 
     def for_val(self, val_id: str, k: int) -> QueryResult:
         return self.engine.for_val(val_id, k)

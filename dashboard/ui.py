@@ -195,17 +195,22 @@ def gallery(
                     f"{badges(run.train[card.index])}{_caption(card.caption)}{note}",
                     unsafe_allow_html=True,
                 )
-                if st.button(
-                    card.id,
-                    key=f"{key}-open-{card.index}",
-                    help="Open this training pair",
-                    type="tertiary",
-                    icon=":material/open_in_full:",
-                ):
+                if _open_button(card, key):
                     opened = card.index
     if not cards:
         st.caption("nothing to show")
     return opened
+
+
+def _open_button(card: Influencer, key: str) -> bool:
+    """The card's id as a button that opens the training pair's detail."""
+    return st.button(
+        card.id,
+        key=f"{key}-open-{card.index}",
+        help="Open this training pair",
+        type="tertiary",
+        icon=":material/open_in_full:",
+    )
 
 
 def _caption(text: str) -> str:
@@ -225,13 +230,7 @@ def compact_list(run: Run, cards: Sequence[Influencer], sign: str, key: str) -> 
                 f"{_caption(card.caption)}</div></div>",
                 unsafe_allow_html=True,
             )
-            if st.button(
-                card.id,
-                key=f"{key}-open-{card.index}",
-                help="Open this training pair",
-                type="tertiary",
-                icon=":material/open_in_full:",
-            ):
+            if _open_button(card, key):
                 opened = card.index
     return opened
 

@@ -253,7 +253,8 @@ class QueryEngine:
 
     # --- shared --------------------------------------------------------------------------------
 
-    def _cards(self, order: np.ndarray, values: np.ndarray, sign: str) -> list[Influencer]:
+    def cards(self, order: np.ndarray, values: np.ndarray, sign: str) -> list[Influencer]:
+        """Gallery cards for training rows ``order`` (strongest first), scored by ``values``."""
         return [
             Influencer(
                 rank=r + 1,
@@ -285,9 +286,9 @@ class QueryEngine:
         near = np.argsort(-similarity, kind="stable")[:k]
         return QueryResult(
             caption=caption,
-            positive=self._cards(pos, column, "positive"),
-            negative=self._cards(neg, column, "negative"),
-            similar=self._cards(near, similarity, "similar"),
+            positive=self.cards(pos, column, "positive"),
+            negative=self.cards(neg, column, "negative"),
+            similar=self.cards(near, similarity, "similar"),
             clip_similarity=clip_sim,
             margin=margin,
             scores=column,

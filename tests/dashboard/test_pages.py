@@ -19,7 +19,7 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from dashboard import state
-from engine import data, embed, index, models, store
+from engine import data, embed, models, store
 
 APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
 
@@ -235,11 +235,12 @@ def test_run_dir_comes_from_the_command_line_or_the_environment(monkeypatch):
 def test_val_relevance_is_the_mean_cosine_with_captions_and_images(
     run_dir, arrays, tmp_path, faiss_index
 ):
-    path = run_dir
-    if faiss_index:  # a copy of the run with its search indexes built
+    path = run_dir  # the build makes the search indexes
+    if not faiss_index:  # a copy of the run without them: the numpy fallback
         path = tmp_path / "run"
         shutil.copytree(run_dir, path)
-        index.build_run_indexes(path)
+        shutil.rmtree(path / "index")
+    assert (path / "index" / "val_text.faiss").is_file() == faiss_index
     run = state.load_run(str(path.resolve()))
     assert (run._val_indexes is not None) == faiss_index
     q = np.random.default_rng(0).standard_normal(arrays["val_txt"].shape[1]).astype(np.float32)
