@@ -274,7 +274,7 @@ def build(
     diagnose.finish_run(out, cfg, traker, len(states))
     if not store.stage_done(out, "index"):
         t = _Timer()
-        meta = index.build_run_indexes(out)
+        meta = index.build_run_indexes(out, n_models=len(states))
         summary = {
             n: {k: i.get(k) for k in ("kind", "n", "dim", "recall_at_10")}
             for n, i in meta["indexes"].items()

@@ -378,11 +378,7 @@ def _as_queries(x: np.ndarray, d: int) -> np.ndarray:
 
 
 def _n_checkpoints(run: Path) -> int:
-    """Checkpoints of a run, from the settings it was started with (the build indexes the run
-    before it writes the manifest)."""
-    if not store.config_path(run).is_file():
-        runs.read_manifest(run)  # raises the run error that explains what is missing
-    return len(store.read_json(store.config_path(run))["config"]["checkpoints"])
+    return int(runs.read_manifest(run)["counts"]["n_checkpoints"])
 
 
 def _require(run: Path, paths: Sequence[Path], what: str) -> None:
@@ -403,10 +399,10 @@ def _trak_paths(run: Path, n_models: int) -> list[Path]:
     ]
 
 
-def trak_train_vectors(run: str | Path) -> np.ndarray:
+def trak_train_vectors(run: str | Path, n_models: int | None = None) -> np.ndarray:
     """(n_train, M*k) float32 training vectors of a run (see ``trak_vectors``)."""
     run = Path(run)
-    n_models = _n_checkpoints(run)
+    n_models = _n_checkpoints(run) if n_models is None else n_models
     _require(run, _trak_paths(run, n_models), "the TRAK index")
     features = [
         store.load_npy(store.trak_features_path(run, m), mmap=True) for m in range(n_models)
@@ -417,10 +413,12 @@ def trak_train_vectors(run: str | Path) -> np.ndarray:
     return trak_vectors(features, weights)
 
 
-def trak_query_vectors(run: str | Path, experiment: str = "val") -> np.ndarray:
+def trak_query_vectors(
+    run: str | Path, experiment: str = "val", n_models: int | None = None
+) -> np.ndarray:
     """(n_targets, M*k) float32 stored target gradients concat_m(g_m) of a run's experiment."""
     run = Path(run)
-    n_models = _n_checkpoints(run)
+    n_models = _n_checkpoints(run) if n_models is None else n_models
     paths = [store.trak_target_grads_path(run, m, experiment) for m in range(n_models)]
     _require(run, paths, f"the {experiment} target gradients")
     return np.concatenate([store.load_npy(p) for p in paths], axis=1).astype(np.float32)
@@ -444,14 +442,16 @@ def _stamp(run: Path, paths: Sequence[Path]) -> list[dict[str, Any]]:
     ]
 
 
-def _vectors(run: Path, name: str) -> np.ndarray:
+def _vectors(run: Path, name: str, n_models: int) -> np.ndarray:
     if name == TRAK_INDEX:
-        return trak_train_vectors(run)
+        return trak_train_vectors(run, n_models)
     path = store.embeddings_path(run, *EMBEDDING_INDEXES[name])
     return np.ascontiguousarray(store.load_npy(path), dtype=np.float32)
 
 
-def _recall_queries(run: Path, name: str, cfg: IndexConfig) -> tuple[np.ndarray | None, str]:
+def _recall_queries(
+    run: Path, name: str, cfg: IndexConfig, n_models: int
+) -> tuple[np.ndarray | None, str]:
     """Realistic queries for measuring an approximate index's recall@10.
 
     TRAK: the stored val target gradients, each as +q and -q (the two searches
@@ -461,7 +461,7 @@ def _recall_queries(run: Path, name: str, cfg: IndexConfig) -> tuple[np.ndarray 
     rng = np.random.default_rng(cfg.seed)
     if name == TRAK_INDEX:
         try:
-            targets = trak_query_vectors(run)  # (n_val, M*k)
+            targets = trak_query_vectors(run, n_models=n_models)  # (n_val, M*k)
         except store.RunError:
             return None, ""
         half = min(len(targets), max(1, cfg.recall_queries // 2))
@@ -494,6 +494,7 @@ def build_run_indexes(
     recall_queries: int = 200,
     seed: int = 0,
     overwrite: bool = False,
+    n_models: int | None = None,
 ) -> dict[str, Any]:
     """Builds the run's search indexes under ``RUN/index/`` and describes them in index.json.
 
@@ -507,13 +508,15 @@ def build_run_indexes(
         recall_queries: sample queries for the recall measurement.
         seed: seeds k-means and the query sample.
         overwrite: rebuild every index even if it is up to date.
+        n_models: the run's number of checkpoints; given by the build, which indexes the run
+            before writing its manifest (default: read from the manifest of a finished run).
 
     Returns:
         The content of index.json: ``{"format_version", "faiss_version", "indexes": {name: info}}``.
     """
     run = Path(run)
     cfg = IndexConfig(approx_threshold, nlist, recall_target, recall_queries, 64, seed)
-    n_models = _n_checkpoints(run)
+    n_models = _n_checkpoints(run) if n_models is None else n_models
     _require(run, [p for name in INDEX_NAMES for p in _sources(run, name, n_models)], "indexes")
     meta_path = store.index_meta_path(run)
     meta: dict[str, Any] = {"format_version": INDEX_FORMAT, "indexes": {}}
@@ -535,8 +538,10 @@ def build_run_indexes(
         ):
             log.info("index %s is up to date", name)
             continue
-        queries, desc = _recall_queries(run, name, cfg) if n > approx_threshold else (None, "")
-        index, info = build_index(_vectors(run, name), cfg, queries, desc)
+        queries, desc = (
+            _recall_queries(run, name, cfg, n_models) if n > approx_threshold else (None, "")
+        )
+        index, info = build_index(_vectors(run, name, n_models), cfg, queries, desc)
         store.save_faiss_index(store.index_path(run, name), index)
         meta["indexes"][name] = {
             "file": store.index_path(run, name).name,

@@ -17,8 +17,9 @@ K = 10
 
 
 def _copy(run: Path, dest: Path) -> Path:
-    """A private copy of a run, so that tests may add indexes or break files in it."""
-    shutil.copytree(run, dest)
+    """A private copy of a run without its indexes, so that tests may build them or break
+    files in it."""
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns("index"))
     return dest
 
 
