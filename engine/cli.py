@@ -48,7 +48,7 @@ def demo(
     n_train: Annotated[int, typer.Option(help="Training pairs of the generated world.")] = 3000,
     n_val: Annotated[int, typer.Option(help="Validation pairs of the generated world.")] = 300,
     members: Annotated[int, typer.Option(help="CLIP checkpoints to train (ensemble size).")] = 4,
-    epochs: Annotated[int, typer.Option(help="Training epochs per checkpoint.")] = 0,
+    epochs: Annotated[int, typer.Option(help="Epochs per checkpoint (0 = demo default: 15).")] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the world, training and attribution.")] = 0,
     verbose: Verbose = False,
 ) -> None:
