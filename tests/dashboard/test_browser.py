@@ -22,8 +22,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine import store
-
 pytestmark = pytest.mark.browser
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -102,15 +100,6 @@ def page(server):
             yield page
         finally:
             browser.close()
-
-
-@pytest.fixture(scope="module")
-def arrays(run_dir):
-    return {
-        "scores": np.load(run_dir / "scores.npy"),
-        "train": store.read_jsonl(run_dir / "train.jsonl"),
-        "val": store.read_jsonl(run_dir / "val.jsonl"),
-    }
 
 
 def wait_images(page, selector: str, n: int) -> None:

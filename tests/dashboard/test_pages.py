@@ -19,22 +19,9 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from dashboard import state
-from engine import data, embed, models, store
+from engine import data, embed, models
 
 APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
-
-
-@pytest.fixture(scope="module")
-def arrays(run_dir):
-    return {
-        "scores": np.load(run_dir / "scores.npy"),
-        "train": store.read_jsonl(run_dir / "train.jsonl"),
-        "val": store.read_jsonl(run_dir / "val.jsonl"),
-        "train_img": np.load(run_dir / "train_image_emb.npy"),
-        "val_img": np.load(run_dir / "val_image_emb.npy"),
-        "val_txt": np.load(run_dir / "val_text_emb.npy"),
-        "suspect": np.load(run_dir / "suspect_mislabeled.npy"),
-    }
 
 
 def app(run: Path, monkeypatch, query_params: dict | None = None) -> AppTest:
