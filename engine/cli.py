@@ -1,4 +1,4 @@
-"""The ``trakview`` command line: demo | train | build | serve | query | export | info.
+"""The ``trakview`` command line: demo | train | build | serve | query | export | eval | info.
 
 Every command turns its flags into the engine's config dataclasses; errors from bad input are
 printed as one line (``error: ...``) with exit status 2, never as a traceback.
@@ -293,6 +293,11 @@ def info(
         typer.echo(json.dumps(manifest, indent=2))
         return
     typer.echo(runs.summary(manifest))
+
+
+from engine.evaluate_cli import eval_app  # noqa: E402 (sub-commands of `trakview eval`)
+
+app.add_typer(eval_app, name="eval")
 
 
 def main() -> None:
