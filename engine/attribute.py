@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from trak import TRAKer
 
 from engine import data, embed, index, models, store
@@ -65,6 +64,11 @@ class BuildConfig:
     half: bool = False  # float16 TRAK features (CUDA only: on CPU it ruins the scores)
     projector: str = "auto"  # JL projection of the dense parameters' gradients, see PROJECTORS
     topk: int = 50  # influencers stored per validation pair and sign
+    workers: int = -1  # DataLoader workers reading images; -1 = 0 below 1000 images, else <= 4
+
+
+# Settings that do not change a run's results: a resume may change them.
+NOT_IDENTITY = ("workers", "checkpoints")  # checkpoints are compared by content hash instead
 
 
 def resolve(cfg: BuildConfig, n_train: int) -> BuildConfig:
@@ -139,7 +143,7 @@ def _open_run(out: Path, cfg: BuildConfig, identity: dict[str, Any], overwrite: 
         diffs = [
             f"{k}: {have.get('config', {}).get(k)!r} -> {v!r}"
             for k, v in wanted["config"].items()
-            if have.get("config", {}).get(k) != v
+            if have.get("config", {}).get(k) != v and k not in NOT_IDENTITY
         ] + [f"{k} differs" for k in identity if have.get(k) != identity[k]]
         if have.get("format_version") != store.FORMAT_VERSION:
             diffs.insert(
@@ -163,12 +167,57 @@ def _relative_to_run(path: Path, out: Path) -> str:
 
 
 def _run_pairs(pairs: data.PairSet, out: Path) -> list[dict[str, Any]]:
-    """Records for the run's jsonl: image paths relative to the run directory."""
+    """Records for the run's jsonl: image paths (or tar shards) relative to the run directory."""
     rows = []
     for i, rec in enumerate(pairs.records):
-        rel = _relative_to_run(pairs.image_path(i), out)
+        path, sep, member = pairs.image_ref(i).partition(data.TAR_SEPARATOR)
+        rel = _relative_to_run(Path(path), out) + sep + member
         rows.append({**rec, "id": str(rec["id"]), "image": rel})
     return rows
+
+
+def check_pairs(
+    train: data.PairSet, val: data.PairSet, out: Path, workers: int, strict: bool
+) -> dict[str, Any]:
+    """The ``pairs`` stage: opens every image and checks every caption, then writes the run's
+    train.jsonl, val.jsonl and skipped.jsonl (the unusable pairs, each with its reason).
+
+    Raises:
+        data.DataError: with ``strict``, any skipped pair; or too few usable pairs left.
+    """
+    kept, skipped = {}, []
+    for split, pairs in (("train", train), ("val", val)):
+        kept[split], bad = data.check_images(pairs, workers, desc=f"checking {split} images")
+        skipped += [{"split": split, **row} for row in bad]
+    store.write_jsonl(store.skipped_path(out), skipped)
+    if skipped:
+        first = "; ".join(f"{r['id']}: {r['reason']}" for r in skipped[:3])
+        log.warning(
+            "%d pairs skipped (listed in %s), e.g. %s",
+            len(skipped),
+            store.skipped_path(out),
+            first,
+        )
+        if strict:
+            raise data.DataError(
+                f"{len(skipped)} pairs cannot be used ({first}); all are listed in "
+                f"{store.skipped_path(out)}. Fix or remove them, or drop --strict to skip them"
+            )
+    if len(kept["train"]) < 2 or len(kept["val"]) < 1:
+        raise data.DataError(
+            f"after skipping unusable pairs, {len(kept['train'])} training and "
+            f"{len(kept['val'])} validation pairs are left; see {store.skipped_path(out)}"
+        )
+    store.write_jsonl(store.pairs_path(out, "train"), _run_pairs(kept["train"], out))
+    store.write_jsonl(store.pairs_path(out, "val"), _run_pairs(kept["val"], out))
+    reasons: dict[str, int] = {}
+    for row in skipped:
+        kind = row["reason"].split(":")[0]
+        reasons[kind] = reasons.get(kind, 0) + 1
+    return {
+        "skipped": {s: sum(r["split"] == s for r in skipped) for s in ("train", "val")},
+        "skipped_reasons": reasons,
+    }
 
 
 class _Timer:
@@ -185,8 +234,13 @@ def build(
     cfg: BuildConfig,
     out: str | Path,
     overwrite: bool = False,
+    strict: bool = False,
+    invocation: dict[str, Any] | None = None,
 ) -> Path:
     """Builds (or resumes) an attribution run and returns its directory.
+
+    Images are streamed in batches through DataLoader workers at every stage, so memory is
+    bounded by the batch size and the arrays the run keeps, not by the number of images.
 
     Args:
         train: the training pairs the checkpoints were trained on.
@@ -194,6 +248,8 @@ def build(
         cfg: settings; data-dependent defaults are resolved and recorded.
         out: the run directory.
         overwrite: start again from scratch if ``out`` holds a run with other settings.
+        strict: fail on an unusable pair (broken image, empty caption) instead of skipping it.
+        invocation: the command line's settings (recorded in the manifest and ``run.toml``).
     """
     out = Path(out)
     cfg = resolve(cfg, len(train))
@@ -203,23 +259,23 @@ def build(
     started = time.perf_counter()
     if not store.stage_done(out, "pairs"):
         t = _Timer()
-        store.write_jsonl(store.pairs_path(out, "train"), _run_pairs(train, out))
-        store.write_jsonl(store.pairs_path(out, "val"), _run_pairs(val, out))
-        store.mark_stage(out, "pairs", {"seconds": t.seconds()})
+        counts = check_pairs(train, val, out, cfg.workers, strict)
+        store.mark_stage(out, "pairs", {"seconds": t.seconds(), **counts})
+    # From here on the run's own pair lists: the usable pairs, paths relative to the run.
+    train = data.read_pairs(store.pairs_path(out, "train"))
+    val = data.read_pairs(store.pairs_path(out, "val"))
+    cfg = replace(cfg, topk=min(cfg.topk, len(train)))
 
     bundle = models.create(cfg.model, device=cfg.device)
     model = bundle.model
-    t = _Timer()
-    train_x = data.image_tensors(train, bundle.preprocess)
-    val_x = data.image_tensors(val, bundle.preprocess)
-    train_t = data.tokenize(bundle.tokenizer, train.captions)
-    val_t = data.tokenize(bundle.tokenizer, val.captions)
-    load_seconds = t.seconds()
+    stream = functools.partial(
+        data.loader, preprocess=bundle.preprocess, tokenizer=bundle.tokenizer, workers=cfg.workers
+    )
 
     states = [models.read_state_dict(p) for p in cfg.checkpoints]
     for m, state in enumerate(states):
         models.check_fits(model, state, cfg.checkpoints[m])
-        _embed_stage(out, m, model, state, train_x, train_t, val_x, val_t, cfg.device)
+        _embed_stage(out, m, model, state, {"train": train, "val": val}, stream, cfg.device)
 
     names = select_parameters(model, cfg.grad_params)
     task = ClipMargin()
@@ -245,7 +301,7 @@ def build(
         _set_embeddings(task, out, m)
         if not store.stage_done(out, f"featurize-{m}"):
             t = _Timer()
-            featurize_checkpoint(traker, state, m, train_x, train_t, sim, cfg.batch_size)
+            featurize_checkpoint(traker, state, m, train, stream, sim, cfg.batch_size)
             store.mark_stage(out, f"featurize-{m}", {"seconds": t.seconds()})
         if not store.stage_done(out, f"finalize-{m}"):
             t = _Timer()
@@ -257,10 +313,9 @@ def build(
         if not store.stage_done(out, f"score-{m}"):
             t = _Timer()
             traker.start_scoring_checkpoint(EXPERIMENT, state, model_id=m, num_targets=len(val))
-            for s in tqdm(range(0, len(val), cfg.batch_size), desc=f"scoring ckpt {m}"):
-                inds = np.arange(s, min(len(val), s + cfg.batch_size))
-                batch = (val_x[inds], val_t[inds], sim.for_targets(len(inds), m))
-                traker.score(batch=batch, inds=inds)
+            for inds, x, tokens in stream(val, batch_size=cfg.batch_size, desc=f"scoring ckpt {m}"):
+                batch = (x, tokens, sim.for_targets(len(inds), m))
+                traker.score(batch=batch, inds=np.asarray(inds))
             store.mark_stage(out, f"score-{m}", {"seconds": t.seconds()})
 
     if not store.stage_done(out, "scores"):
@@ -286,7 +341,7 @@ def build(
         else f"trakview KeyedProjector ({cfg.projector})"
     )
     _write_manifest(
-        out, cfg, train, val, ckpt_hashes, load_seconds, time.perf_counter() - started, projection
+        out, cfg, train, val, ckpt_hashes, time.perf_counter() - started, projection, invocation
     )
     return out
 
@@ -296,21 +351,30 @@ def _embed_stage(
     m: int,
     model: torch.nn.Module,
     state: dict[str, torch.Tensor],
-    train_x: torch.Tensor,
-    train_t: torch.Tensor,
-    val_x: torch.Tensor,
-    val_t: torch.Tensor,
+    splits: dict[str, data.PairSet],
+    stream: Any,
     device: str,
 ) -> None:
     if store.stage_done(out, f"embed-{m}"):
         return
     t = _Timer()
     model.load_state_dict(state)
-    for split, x, tok in (("train", train_x, train_t), ("val", val_x, val_t)):
-        img, txt = embed.encode(model, x, tok, device=device, desc=f"embedding {split} ckpt {m}")
-        store.save_npy(store.checkpoint_embeddings_path(out, split, "image", m), img.numpy())
-        store.save_npy(store.checkpoint_embeddings_path(out, split, "text", m), txt.numpy())
-    store.mark_stage(out, f"embed-{m}", {"seconds": t.seconds()})
+    images = 0
+    for split, pairs in splits.items():
+        img, txt = [], []
+        for _, x, tokens in stream(pairs, batch_size=256, desc=f"embedding {split} ckpt {m}"):
+            i, tx = embed.encode(model, x, tokens, batch_size=len(x), device=device)
+            img.append(i.numpy())
+            txt.append(tx.numpy())
+        images += len(pairs)
+        store.save_npy(
+            store.checkpoint_embeddings_path(out, split, "image", m), np.concatenate(img)
+        )
+        store.save_npy(store.checkpoint_embeddings_path(out, split, "text", m), np.concatenate(txt))
+    seconds = t.seconds()
+    store.mark_stage(
+        out, f"embed-{m}", {"seconds": seconds, "images_per_second": round(images / seconds, 1)}
+    )
 
 
 def _set_embeddings(task: ClipMargin, out: Path, m: int) -> None:
@@ -323,22 +387,26 @@ def featurize_checkpoint(
     traker: TRAKer,
     state: dict[str, torch.Tensor],
     model_id: int,
-    images: torch.Tensor,
-    tokens: torch.Tensor,
+    train: data.PairSet,
+    stream: Any,
     sim: SimulatedBatch,
     batch_size: int,
 ) -> None:
-    """Featurizes every training pair for one checkpoint, skipping batches already stored."""
+    """Featurizes every training pair for one checkpoint, skipping batches already stored
+    (only the images of unfinished batches are read)."""
     traker.load_checkpoint(state, model_id=model_id)
     done = traker.saver.current_store["is_featurized"]
-    n = images.shape[0]
-    starts = range(0, n, batch_size)
-    for s in tqdm(starts, desc=f"featurizing ckpt {model_id}", unit="batch"):
-        inds = np.arange(s, min(n, s + batch_size))
-        if bool(np.all(done[inds] == 1)):
-            continue
-        batch = (images[inds], tokens[inds], sim.for_train(inds.tolist(), model_id))
-        traker.featurize(batch=batch, inds=inds)
+    n = len(train)
+    todo = [
+        range(s, min(n, s + batch_size))
+        for s in range(0, n, batch_size)
+        if not bool(np.all(done[s : min(n, s + batch_size)] == 1))
+    ]
+    for inds, x, tokens in stream(
+        train, batch_size=batch_size, batches=todo, desc=f"featurizing ckpt {model_id}"
+    ):
+        batch = (x, tokens, sim.for_train(list(inds), model_id))
+        traker.featurize(batch=batch, inds=np.asarray(inds))
 
 
 def _write_manifest(
@@ -347,9 +415,9 @@ def _write_manifest(
     train: data.PairSet,
     val: data.PairSet,
     ckpt_hashes: list[str],
-    load_seconds: float,
     total_seconds: float,
     projection: str,
+    invocation: dict[str, Any] | None,
 ) -> None:
     import open_clip
     import trak
@@ -358,7 +426,6 @@ def _write_manifest(
 
     stages = sorted(p.stem for p in (out / "stages").glob("*.json"))
     timings = {s: store.read_stage(out, s).get("seconds") for s in stages}
-    timings["load_images"] = load_seconds
     finalize = [store.read_stage(out, f"finalize-{m}") for m in range(len(cfg.checkpoints))]
     emb_dim = store.load_npy(store.embeddings_path(out, "train", "image"), mmap=True).shape[1]
     manifest = {
@@ -388,7 +455,9 @@ def _write_manifest(
             {k: f[k] for k in ("rank", "proj_dim", "lambda", "condition") if k in f}
             for f in finalize
         ],
+        "skipped": store.read_stage(out, "pairs").get("skipped", {}),
         "timings_seconds": timings,
         "build_seconds_this_session": round(total_seconds, 3),
+        "invocation": invocation or {},
     }
     store.write_json(store.manifest_path(out), manifest)

@@ -123,6 +123,11 @@ def config_path(run: Path) -> Path:
     return run / "config.json"
 
 
+def skipped_path(run: Path) -> Path:
+    """Pairs the build could not use (broken image, empty caption), one JSON line each."""
+    return run / "skipped.jsonl"
+
+
 def pairs_path(run: Path, split: str) -> Path:
     return run / f"{split}.jsonl"
 
