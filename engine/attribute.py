@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from trak import TRAKer
 
-from engine import data, embed, index, models, store
+from engine import data, embed, index, models, runconfig, store
 from engine.trak import (
     ClipMargin,
     KeyedProjector,
@@ -64,6 +64,7 @@ class BuildConfig:
     half: bool = False  # float16 TRAK features (CUDA only: on CPU it ruins the scores)
     projector: str = "auto"  # JL projection of the dense parameters' gradients, see PROJECTORS
     topk: int = 50  # influencers stored per validation pair and sign
+    pretrained: str | None = None  # open_clip pretrained tag: its preprocessing and activation
     workers: int = -1  # DataLoader workers reading images; -1 = 0 below 1000 images, else <= 4
 
 
@@ -266,7 +267,7 @@ def build(
     val = data.read_pairs(store.pairs_path(out, "val"))
     cfg = replace(cfg, topk=min(cfg.topk, len(train)))
 
-    bundle = models.create(cfg.model, device=cfg.device)
+    bundle = models.create(cfg.model, device=cfg.device, pretrained=cfg.pretrained)
     model = bundle.model
     stream = functools.partial(
         data.loader, preprocess=bundle.preprocess, tokenizer=bundle.tokenizer, workers=cfg.workers
@@ -343,6 +344,14 @@ def build(
     _write_manifest(
         out, cfg, train, val, ckpt_hashes, time.perf_counter() - started, projection, invocation
     )
+    if invocation:
+        runconfig.write_toml(
+            store.run_config_path(out),
+            invocation,
+            out,
+            "The settings this run was built with; repeat it with\n"
+            "  trakview build --config RUN/run.toml",
+        )
     return out
 
 

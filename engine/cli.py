@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from engine import data, models
+from engine import data, models, runconfig, sources, store
 
 app = typer.Typer(
     add_completion=False,
@@ -66,9 +66,145 @@ def demo(
         serve(run)
 
 
+ConfigFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        help="TOML file of this command's flags (command-line flags win); a run writes its own "
+        "as RUN/run.toml, so `trakview build --config RUN/run.toml` repeats it.",
+        is_eager=True,
+        callback=runconfig.load_into_context,
+    ),
+]
+TrainData = Annotated[
+    str,
+    typer.Option(
+        help="Training pairs: .jsonl, .csv/.tsv (open_clip_train), COCO captions .json, an image "
+        "folder with metadata.jsonl/csv, or WebDataset shards 'dir/{000000..000009}.tar'."
+    ),
+]
+ValData = Annotated[
+    str | None,
+    typer.Option(help="Validation pairs to explain (any format --train-data takes)."),
+]
+ValFraction = Annotated[
+    float,
+    typer.Option(
+        help="Without --val-data: this fraction of --train-data, drawn with --split-seed, "
+        "becomes the validation set."
+    ),
+]
+SplitSeed = Annotated[int, typer.Option(help="Seed of the --val-fraction split.")]
+Format = Annotated[
+    str | None,
+    typer.Option(
+        "--format",
+        help=f"Source format: {', '.join(sources.FORMATS)} (default: from the path).",
+    ),
+]
+ImgKey = Annotated[
+    str | None,
+    typer.Option(
+        "--img-key",
+        "--csv-img-key",
+        help="Column of the image path (csv: filepath, jsonl: image, image folder: file_name).",
+    ),
+]
+CaptionKey = Annotated[
+    str | None,
+    typer.Option(
+        "--caption-key",
+        "--csv-caption-key",
+        help="Column of the caption (csv: title, jsonl: caption, image folder: text, COCO: "
+        "caption).",
+    ),
+]
+Separator = Annotated[
+    str | None,
+    typer.Option(
+        help="CSV separator (default: tab, as open_clip_train; comma for a .csv "
+        "whose header has no tab)."
+    ),
+]
+IdKey = Annotated[
+    str, typer.Option(help="Column of the pair id (default: the image path without extension).")
+]
+CocoCaptions = Annotated[
+    str, typer.Option(help="COCO: 'first' caption per image, or 'all' (one pair per caption).")
+]
+Strict = Annotated[
+    bool,
+    typer.Option(
+        help="Fail on a broken or missing image or an empty caption instead of skipping it."
+    ),
+]
+Workers = Annotated[
+    int,
+    typer.Option(
+        help="DataLoader workers reading images; -1 = none below 1000 images, else up to 4."
+    ),
+]
+
+
+def _read_sources(
+    train_data: str,
+    val_data: str | None,
+    val_fraction: float,
+    split_seed: int,
+    options: sources.SourceOptions,
+) -> tuple[data.PairSet, data.PairSet | None]:
+    train_pairs = sources.read_source(train_data, options)
+    if val_data is not None:
+        if val_fraction:
+            raise data.DataError("give either --val-data or --val-fraction, not both")
+        return train_pairs, sources.read_source(val_data, options)
+    if not val_fraction:
+        return train_pairs, None
+    return sources.split_val(train_pairs, val_fraction, split_seed)
+
+
+def _checkpoints(
+    model: str,
+    checkpoint: list[Path] | None,
+    checkpoints_dir: Path | None,
+    epochs: str | None,
+    pretrained: str | None,
+) -> list[str]:
+    given = [
+        f
+        for f, v in (
+            ("--checkpoint", checkpoint),
+            ("--checkpoints-dir", checkpoints_dir),
+            ("--pretrained", pretrained),
+        )
+        if v
+    ]
+    if len(given) != 1:
+        raise ValueError(
+            "give the checkpoints one way: --checkpoint PATH (repeatable), --checkpoints-dir DIR "
+            f"(open_clip_train's logs), or --pretrained TAG_OR_FILE; got "
+            f"{' and '.join(given) or 'none'}"
+        )
+    if epochs and not checkpoints_dir:
+        raise ValueError("--epochs picks epochs from --checkpoints-dir; give that too")
+    if checkpoint:
+        return [str(p) for p in checkpoint]
+    if checkpoints_dir:
+        found = models.find_checkpoints(checkpoints_dir, epochs)
+        log.info(
+            "%d checkpoints from %s: %s",
+            len(found),
+            checkpoints_dir,
+            ", ".join(str(p.relative_to(checkpoints_dir)) for p in found),
+        )
+        return [str(p) for p in found]
+    return [str(models.resolve_pretrained(model, pretrained))]
+
+
 @app.command()
 def train(
-    train_data: Annotated[Path, typer.Option(help="Training pairs (.jsonl: id, caption, image).")],
+    ctx: typer.Context,
+    train_data: TrainData,
     out: Annotated[Path, typer.Option(help="Folder for the ensemble (member-K/checkpoints/).")],
     model: Annotated[str, typer.Option(help="open_clip architecture or trakview config.")] = (
         "trakview-tiny"
@@ -79,15 +215,44 @@ def train(
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 3e-3,
     seed: Annotated[int, typer.Option(help="Member K is trained with seed + K.")] = 0,
     init: Annotated[
-        Path | None, typer.Option(help="Checkpoint to fine-tune from (default: random init).")
+        str | None,
+        typer.Option(
+            help="Fine-tune from: a checkpoint file or an open_clip pretrained tag of --model "
+            "(from the local cache; default: random init)."
+        ),
     ] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    data_format: Format = None,
+    img_key: ImgKey = None,
+    caption_key: CaptionKey = None,
+    csv_separator: Separator = None,
+    id_key: IdKey = "id",
+    coco_captions: CocoCaptions = "first",
+    strict: Strict = False,
+    workers: Workers = -1,
+    config: ConfigFile = None,
     verbose: Verbose = False,
 ) -> None:
     """Train an ensemble of CLIP checkpoints (resumable per member)."""
     from engine import train as train_mod
 
     _setup_logging(verbose)
+    options = sources.SourceOptions(
+        data_format, img_key, caption_key, id_key, csv_separator, coco_captions
+    )
+    pairs = sources.read_source(train_data, options)
+    pairs, skipped = data.check_images(pairs, workers)
+    if skipped:
+        first = "; ".join(f"{r['id']}: {r['reason']}" for r in skipped[:3])
+        if strict:
+            raise data.DataError(
+                f"{len(skipped)} pairs cannot be used ({first}); drop --strict to skip them"
+            )
+        log.warning(
+            "%d pairs skipped (%s); listed in %s", len(skipped), first, out / "skipped.jsonl"
+        )
+        store.write_jsonl(Path(out) / "skipped.jsonl", skipped)
+    init_path = str(models.resolve_pretrained(model, init)) if init else None
     cfg = train_mod.TrainConfig(
         model=model,
         members=members,
@@ -95,27 +260,62 @@ def train(
         batch_size=batch_size,
         lr=lr,
         seed=seed,
-        init=str(init) if init else None,
+        init=init_path,
     )
-    pairs = data.read_pairs(train_data)
-    bundle = models.create(model)
-    images = data.image_tensors(pairs, bundle.preprocess)
+    bundle = models.create(model, pretrained=init if init and not Path(init).exists() else None)
+    images = data.image_tensors(pairs, bundle.preprocess, workers=workers)
     tokens = data.tokenize(bundle.tokenizer, pairs.captions)
     for path in train_mod.train_ensemble(images, tokens, cfg, out, device=device):
         typer.echo(str(path))
+    runconfig.write_toml(
+        Path(out) / "train.toml",
+        runconfig.settings_of(ctx),
+        Path(out),
+        "trakview train settings; repeat with: trakview train --config THIS_FILE",
+    )
 
 
 @app.command()
 def build(
-    train_data: Annotated[Path, typer.Option(help="Training pairs (.jsonl).")],
-    val_data: Annotated[Path, typer.Option(help="Validation pairs to explain (.jsonl).")],
-    checkpoint: Annotated[
-        list[Path], typer.Option(help="Checkpoint of one ensemble member (repeat the flag).")
-    ],
+    ctx: typer.Context,
+    train_data: TrainData,
     out: Annotated[Path, typer.Option(help="Run directory to create or resume.")],
+    val_data: ValData = None,
+    val_fraction: ValFraction = 0.0,
+    split_seed: SplitSeed = 0,
+    checkpoint: Annotated[
+        list[Path] | None,
+        typer.Option(help="Checkpoint of one ensemble member (repeat the flag)."),
+    ] = None,
+    checkpoints_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder of open_clip_train logs (NAME/checkpoints/epoch_N.pt): by default the "
+            "last epoch of each training run is one member."
+        ),
+    ] = None,
+    epochs: Annotated[
+        str | None,
+        typer.Option(help="With --checkpoints-dir: 'all' or epochs like 8,16,32 of each run."),
+    ] = None,
+    pretrained: Annotated[
+        str | None,
+        typer.Option(
+            help="Attribute a pretrained model: a weights file, or an open_clip tag of --model "
+            "resolved from the local cache (never downloaded)."
+        ),
+    ] = None,
     model: Annotated[str, typer.Option(help="open_clip architecture of the checkpoints.")] = (
         "trakview-tiny"
     ),
+    data_format: Format = None,
+    img_key: ImgKey = None,
+    caption_key: CaptionKey = None,
+    csv_separator: Separator = None,
+    id_key: IdKey = "id",
+    coco_captions: CocoCaptions = "first",
+    strict: Strict = False,
+    workers: Workers = -1,
     proj_dim: Annotated[int, typer.Option(help="JL dimension; 0 = n_train/4 (64..1024).")] = 0,
     grad_params: Annotated[
         str,
@@ -148,15 +348,24 @@ def build(
     overwrite: Annotated[
         bool, typer.Option(help="Start the run again if OUT holds one with other settings.")
     ] = False,
+    config: ConfigFile = None,
     verbose: Verbose = False,
 ) -> None:
     """Compute embeddings, TRAK scores and top influencers into a run directory (resumable)."""
     from engine import attribute
 
     _setup_logging(verbose)
+    options = sources.SourceOptions(
+        data_format, img_key, caption_key, id_key, csv_separator, coco_captions
+    )
+    train_pairs, val_pairs = _read_sources(train_data, val_data, val_fraction, split_seed, options)
+    if val_pairs is None:
+        raise data.DataError("give --val-data, or --val-fraction to split --train-data")
     cfg = attribute.BuildConfig(
         model=model,
-        checkpoints=[str(p) for p in checkpoint],
+        checkpoints=_checkpoints(model, checkpoint, checkpoints_dir, epochs, pretrained),
+        pretrained=pretrained if pretrained and not Path(pretrained).exists() else None,
+        workers=workers,
         proj_dim=proj_dim,
         grad_params=grad_params,
         lambda_reg=lambda_reg,
@@ -170,7 +379,13 @@ def build(
         projector=projector,
     )
     run = attribute.build(
-        data.read_pairs(train_data), data.read_pairs(val_data), cfg, out, overwrite=overwrite
+        train_pairs,
+        val_pairs,
+        cfg,
+        out,
+        overwrite=overwrite,
+        strict=strict,
+        invocation=runconfig.settings_of(ctx),
     )
     typer.echo(f"run ready: {run}")
 

@@ -70,4 +70,11 @@ def run_demo(cfg: DemoConfig, out: str | Path) -> Path:
     build_cfg = attribute.BuildConfig(
         model=cfg.model, checkpoints=[str(p) for p in checkpoints], seed=cfg.seed
     )
-    return attribute.build(train_pairs, val_pairs, build_cfg, out / "run")
+    invocation = {  # the same run as a `trakview build` command (see RUN/run.toml)
+        "train_data": str(out / "data" / "train.jsonl"),
+        "val_data": str(out / "data" / "val.jsonl"),
+        "checkpoint": [str(p) for p in checkpoints],
+        "model": cfg.model,
+        "seed": cfg.seed,
+    }
+    return attribute.build(train_pairs, val_pairs, build_cfg, out / "run", invocation=invocation)

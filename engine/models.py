@@ -86,13 +86,17 @@ def available_models() -> list[str]:
     return sorted(open_clip.list_models())
 
 
-def create(name: str, seed: int | None = None, device: str = "cpu") -> ClipBundle:
+def create(
+    name: str, seed: int | None = None, device: str = "cpu", pretrained: str | None = None
+) -> ClipBundle:
     """Builds an open_clip architecture by name with random initialisation.
 
     Args:
         name: an open_clip model name (``ViT-B-32``) or a trakview config (``trakview-tiny``).
         seed: seeds the random initialisation, so the same seed gives the same weights.
         device: where the model lives.
+        pretrained: an open_clip pretrained tag (``openai``): the model gets that tag's
+            preprocessing (mean, std, interpolation) and activation (QuickGELU), not its weights.
 
     Returns:
         The model in eval mode with its validation preprocessing and tokenizer.
@@ -102,13 +106,131 @@ def create(name: str, seed: int | None = None, device: str = "cpu") -> ClipBundl
             f"unknown model {name!r}: expected an open_clip architecture such as "
             f"'ViT-B-32' or one of trakview's small configs {list(SMALL_CONFIGS)}"
         )
+    tag = open_clip.get_pretrained_cfg(name, pretrained) if pretrained else {}
+    overrides: dict[str, Any] = {
+        "force_quick_gelu": bool(tag.get("quick_gelu", False)),
+        "image_mean": tag.get("mean"),
+        "image_std": tag.get("std"),
+        "image_interpolation": tag.get("interpolation"),
+        "image_resize_mode": tag.get("resize_mode"),
+    }
     if seed is not None:
         torch.manual_seed(seed)
     with _quiet_root_logger():  # open_clip logs every step of model creation on the root logger
-        model, _, preprocess = open_clip.create_model_and_transforms(name, device=device)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, device=device, **overrides
+        )
         tokenizer = open_clip.get_tokenizer(name)
     model.eval()
     return ClipBundle(name, model, preprocess, tokenizer)
+
+
+def resolve_pretrained(name: str, pretrained: str, cache_dir: str | None = None) -> Path:
+    """The local file of pretrained weights: ``pretrained`` itself when it is a file, else the
+    file open_clip's tag resolves to in the local cache. Never downloads.
+
+    Raises:
+        CheckpointError: an unknown tag, or weights that are not in the cache (this machine
+            would have to download them).
+    """
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        return path
+    cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise CheckpointError(
+            f"--pretrained {pretrained!r} is neither a file nor a pretrained tag of {name} "
+            f"(its tags: {', '.join(tags) or 'none'})"
+        )
+    looked = []
+    if cfg.get("hf_hub"):
+        from huggingface_hub import hf_hub_download
+
+        # "org/model/" (default file names) or "org/model/file.bin", as open_clip writes them
+        repo, filename = os.path.split(cfg["hf_hub"])
+        names = (
+            [filename]
+            if filename
+            else [
+                "open_clip_model.safetensors",
+                "open_clip_pytorch_model.bin",
+            ]
+        )
+        for filename in names:
+            try:
+                return Path(
+                    hf_hub_download(repo, filename, cache_dir=cache_dir, local_files_only=True)
+                )
+            except Exception:  # noqa: BLE001 (not in the cache: any of several hub errors)
+                looked.append(f"{repo}/{filename} in the Hugging Face cache")
+    if cfg.get("url"):
+        target = Path(cache_dir or Path.home() / ".cache" / "clip") / os.path.basename(cfg["url"])
+        if target.is_file():
+            return target
+        looked.append(str(target))
+    raise CheckpointError(
+        f"the weights of {name} {pretrained!r} are not in the local cache (looked for "
+        f"{'; '.join(looked)}) and trakview never downloads. On a machine with network run "
+        f"`python -c \"import open_clip; open_clip.create_model('{name}', pretrained="
+        f"'{pretrained}')\"` and copy its cache (~/.cache/huggingface), or pass --pretrained "
+        "PATH to a weights file"
+    )
+
+
+def find_checkpoints(folder: str | os.PathLike, epochs: str | None = None) -> list[Path]:
+    """open_clip_train checkpoints under ``folder`` (``logs/NAME/checkpoints/epoch_N.pt``; the
+    folder may hold one training run or several).
+
+    Args:
+        folder: searched recursively for ``epoch_N.pt`` / ``epoch_N.safetensors``.
+        epochs: ``None``: the last epoch of each training run (one member per run); ``"all"``:
+            every epoch; ``"8,16,32"``: those epochs of each run.
+
+    Returns:
+        Paths ordered by training run (folder, natural order), then epoch.
+    """
+    import re
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"--checkpoints-dir {folder} does not exist or is not a folder")
+    runs: dict[Path, dict[int, Path]] = {}
+    for path in folder.rglob("epoch_*"):
+        match = re.fullmatch(r"epoch_(\d+)\.(pt|safetensors)", path.name)
+        if match and path.is_file():
+            runs.setdefault(path.parent, {})[int(match.group(1))] = path
+    if not runs:
+        raise CheckpointError(
+            f"no open_clip_train checkpoints (epoch_N.pt) under {folder}; expected "
+            "logs/NAME/checkpoints/epoch_N.pt files (epoch_latest.pt is not used)"
+        )
+
+    def natural(p: Path) -> list:
+        return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.as_posix())]
+
+    wanted: list[int] | None = None
+    if epochs and epochs != "all":
+        try:
+            wanted = [int(e) for e in epochs.split(",") if e.strip()]
+        except ValueError as err:
+            raise CheckpointError(f"--epochs must be 'all' or numbers like 8,16,32: {err}") from err
+    picked = []
+    for run in sorted(runs, key=natural):
+        have = runs[run]
+        if epochs == "all":
+            picked += [have[e] for e in sorted(have)]
+        elif wanted is None:
+            picked.append(have[max(have)])
+        else:
+            missing = [e for e in wanted if e not in have]
+            if missing:
+                raise CheckpointError(
+                    f"{run} has no epoch {missing[0]} (it has epochs {sorted(have)}); "
+                    "choose --epochs among them"
+                )
+            picked += [have[e] for e in wanted]
+    return picked
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

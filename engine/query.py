@@ -126,7 +126,9 @@ class QueryEngine:
         """Per checkpoint: model, gradient computer and TRAK features (once per engine)."""
         if self._models is not None:
             return self._models
-        self.bundle = models.create(self.cfg["model"], device=self.device)
+        self.bundle = models.create(
+            self.cfg["model"], device=self.device, pretrained=self.cfg.get("pretrained")
+        )
         names = select_parameters(self.bundle.model, self.cfg["grad_params"])
         shapes = {n: tuple(p.shape) for n, p in self.bundle.model.named_parameters() if n in names}
         # runs built before --projector existed were projected with the dense Gaussian
@@ -140,7 +142,9 @@ class QueryEngine:
         loaded = []
         out_to_loss = 0.0
         for m, ckpt in enumerate(self.manifest["checkpoints"]):
-            bundle = models.create(self.cfg["model"], device=self.device)
+            bundle = models.create(
+                self.cfg["model"], device=self.device, pretrained=self.cfg.get("pretrained")
+            )
             models.load_into(bundle.model, self.run / ckpt["path"])  # relative to the run
             task = ClipMargin()
             task.set_embeddings(

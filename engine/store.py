@@ -123,6 +123,11 @@ def config_path(run: Path) -> Path:
     return run / "config.json"
 
 
+def run_config_path(run: Path) -> Path:
+    """The flags the run was built with (``trakview build --config RUN/run.toml`` repeats it)."""
+    return run / "run.toml"
+
+
 def skipped_path(run: Path) -> Path:
     """Pairs the build could not use (broken image, empty caption), one JSON line each."""
     return run / "skipped.jsonl"

@@ -46,7 +46,7 @@ def test_errors_are_one_line(tmp_path):
         str(tmp_path),
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "error: pair list" in result.stderr and "does not exist" in result.stderr
+    assert "error: jsonl source" in result.stderr and "does not exist" in result.stderr
 
 
 def test_train_build_info_query_round_trip(tmp_path, world_dir, run_dir):
