@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import click
+import typer
 
 from engine import store
 
@@ -33,10 +33,11 @@ else:  # pragma: no cover
 
 # Flags that are about this invocation, not the run: never read from or written to a file.
 NOT_SETTINGS = ("config", "overwrite", "verbose", "help")
+ALIASES = {"format": "data_format", "csv-img-key": "img_key", "csv-caption-key": "caption_key"}
 PATH_SETTINGS = ("train_data", "val_data", "checkpoint", "checkpoints_dir", "out", "pretrained")
 
 
-def load_into_context(ctx: click.Context, _param: click.Parameter, value: Path | None) -> None:
+def load_into_context(ctx: typer.Context, _param: Any, value: Path | None) -> None:
     """Eager callback of ``--config``: the file's settings become the command's defaults."""
     if value is None:
         return
@@ -44,32 +45,28 @@ def load_into_context(ctx: click.Context, _param: click.Parameter, value: Path |
     try:
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError:
-        raise click.BadParameter(f"config file {path} does not exist") from None
+        raise typer.BadParameter(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as err:
-        raise click.BadParameter(f"{path} is not valid TOML: {err}") from None
+        raise typer.BadParameter(f"{path} is not valid TOML: {err}") from None
     params = {p.name: p for p in ctx.command.params if p.name not in NOT_SETTINGS}
     settings, unknown = {}, []
     for key, val in raw.items():
-        name = key.replace("-", "_")
+        name = ALIASES.get(key, key.replace("-", "_"))
         if name not in params:
             unknown.append(key)
             continue
         settings[name] = _resolve_paths(params[name], val, path.parent)
     if unknown:
         known = ", ".join(sorted(n.replace("_", "-") for n in params))
-        raise click.BadParameter(
+        raise typer.BadParameter(
             f"{path} sets {', '.join(unknown)}, which `{ctx.info_name}` does not take "
             f"(its settings: {known})"
         )
     ctx.default_map = {**(ctx.default_map or {}), **settings}
 
 
-def _is_path(param: click.Parameter) -> bool:
-    return isinstance(param.type, click.Path)
-
-
-def _resolve_paths(param: click.Parameter, value: Any, base: Path) -> Any:
-    if param.name not in PATH_SETTINGS and not _is_path(param):
+def _resolve_paths(param: Any, value: Any, base: Path) -> Any:
+    if param.name not in PATH_SETTINGS:
         return value
     if isinstance(value, list):
         return [_resolve_paths(param, v, base) for v in value]
@@ -80,7 +77,7 @@ def _resolve_paths(param: click.Parameter, value: Any, base: Path) -> Any:
     return str(base / value)  # also a shard spec: "shards/{000..009}.tar"
 
 
-def settings_of(ctx: click.Context) -> dict[str, Any]:
+def settings_of(ctx: typer.Context) -> dict[str, Any]:
     """The command's settings as run (every flag except NOT_SETTINGS), JSON-ready."""
     out = {}
     for name, value in ctx.params.items():
