@@ -306,18 +306,18 @@ def test_pretrained_tags_resolve_from_the_local_cache_only(tmp_path, monkeypatch
     download is tried)."""
     from open_clip import pretrained as registry
 
-    tags = {"unit-test": {"hf_hub": "trakview/tiny-unit-test/", "quick_gelu": False}}
+    tags = {"unittest": {"hf_hub": "trakview/tiny-unittest/", "quick_gelu": False}}
     monkeypatch.setitem(registry._PRETRAINED, "trakview-tiny", tags)
     with pytest.raises(models.CheckpointError, match="never downloads"):
-        models.resolve_pretrained("trakview-tiny", "unit-test", cache_dir=str(tmp_path))
-    with pytest.raises(models.CheckpointError, match="its tags: unit-test"):
+        models.resolve_pretrained("trakview-tiny", "unittest", cache_dir=str(tmp_path))
+    with pytest.raises(models.CheckpointError, match="its tags: unittest"):
         models.resolve_pretrained("trakview-tiny", "nope", cache_dir=str(tmp_path))
-    snapshot = tmp_path / "models--trakview--tiny-unit-test" / "snapshots" / ("a" * 40)
+    snapshot = tmp_path / "models--trakview--tiny-unittest" / "snapshots" / ("a" * 40)
     snapshot.mkdir(parents=True)
     (snapshot / "open_clip_pytorch_model.bin").write_bytes(Path(checkpoints[0]).read_bytes())
-    (tmp_path / "models--trakview--tiny-unit-test" / "refs").mkdir()
-    (tmp_path / "models--trakview--tiny-unit-test" / "refs" / "main").write_text("a" * 40)
-    found = models.resolve_pretrained("trakview-tiny", "unit-test", cache_dir=str(tmp_path))
+    (tmp_path / "models--trakview--tiny-unittest" / "refs").mkdir()
+    (tmp_path / "models--trakview--tiny-unittest" / "refs" / "main").write_text("a" * 40)
+    found = models.resolve_pretrained("trakview-tiny", "unittest", cache_dir=str(tmp_path))
     assert found.name == "open_clip_pytorch_model.bin"
-    models.load_into(models.create("trakview-tiny", pretrained="unit-test").model, found)
-    assert open_clip.get_pretrained_cfg("trakview-tiny", "unit-test")
+    models.load_into(models.create("trakview-tiny", pretrained="unittest").model, found)
+    assert open_clip.get_pretrained_cfg("trakview-tiny", "unittest")
