@@ -56,9 +56,10 @@ class Run:
         return self.engine.val
 
     def image_path(self, rel: str) -> str:
-        """A pair's image path as stored (relative to the run directory, or absolute)."""
-        path = Path(rel)
-        return str(path if path.is_absolute() else self.path / path)
+        """A pair's image file (paths are relative to the run directory, or absolute; an image
+        inside a WebDataset shard is extracted once into the run's cache)."""
+        path = rel if Path(rel).is_absolute() else str(self.path / rel)
+        return str(data.materialize(path, self.path / "cache" / "images"))
 
     def thumbnail(self, rel: str) -> str:
         """An ``<img>`` tag with the pair's image inline (a data URI, at most THUMB pixels).

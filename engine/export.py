@@ -216,6 +216,11 @@ def _images(
 
 
 def _open(path: Path, what: str) -> Image.Image:
+    if data.TAR_SEPARATOR in str(path):  # an image inside a WebDataset shard
+        try:
+            return data.open_image(path)
+        except data.ImageProblem as err:
+            raise ExportError(f"{what} cannot be read from its shard: {err}") from err
     if not path.is_file():
         raise ExportError(
             f"{what} is missing: expected a file at {path} (paths in train.jsonl/val.jsonl are "

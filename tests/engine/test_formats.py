@@ -321,3 +321,24 @@ def test_pretrained_tags_resolve_from_the_local_cache_only(tmp_path, monkeypatch
     assert found.name == "open_clip_pytorch_model.bin"
     models.load_into(models.create("trakview-tiny", pretrained="unittest").model, found)
     assert open_clip.get_pretrained_cfg("trakview-tiny", "unittest")
+
+
+def test_images_inside_shards_open_in_exports_and_the_dashboard(built, tmp_path):
+    import zipfile
+
+    from dashboard import state
+    from engine import export
+    from engine.query import QueryEngine
+
+    run = built["wds"]
+    engine = QueryEngine.load(run)
+    assert data.TAR_SEPARATOR in engine.train[0]["image"]
+    result = engine.for_val(engine.val[0]["id"], k=3)
+    out = export.export(run, result, "zip", tmp_path / "gallery.zip")
+    with zipfile.ZipFile(out) as zf:
+        assert sum(n.endswith((".png", ".jpg")) for n in zf.namelist()) >= 7
+    view = state.Run(path=run, engine=engine, caption_rank=np.zeros(1), suspect=None)
+    extracted = Path(view.image_path(engine.train[0]["image"]))
+    assert extracted.is_file() and extracted.is_relative_to(run / "cache")
+    with Image.open(extracted) as img:
+        assert img.size[0] >= 48
