@@ -18,7 +18,7 @@ import open_clip
 import torch
 from tqdm.auto import tqdm
 
-from engine import models
+from engine import models, store
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ def train_member(
     member: int,
     out: Path,
     device: str = "cpu",
+    progress: bool = True,
 ) -> Path:
     """Trains (or resumes) one ensemble member and returns its final checkpoint path.
 
@@ -71,6 +72,7 @@ def train_member(
         member: index of the member; its seed is ``cfg.seed + member``.
         out: ensemble folder.
         device: torch device.
+        progress: show a progress bar.
     """
     final = final_checkpoint(out, member, cfg.epochs)
     if final.is_file():
@@ -94,7 +96,12 @@ def train_member(
     n = images.shape[0]
     steps_per_epoch = max(1, n // cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
-    bar = tqdm(total=total, initial=start_epoch * steps_per_epoch, desc=f"member {member}")
+    bar = tqdm(
+        total=total,
+        initial=start_epoch * steps_per_epoch,
+        desc=f"member {member}",
+        disable=not progress,
+    )
     model.train()
     for epoch in range(start_epoch, cfg.epochs):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
@@ -131,7 +138,11 @@ def train_member(
 def train_ensemble(
     images: torch.Tensor, tokens: torch.Tensor, cfg: TrainConfig, out: Path, device: str = "cpu"
 ) -> list[Path]:
-    """Trains every member of the ensemble (skipping finished ones); returns checkpoint paths."""
+    """Trains every member of the ensemble (skipping finished ones); returns checkpoint paths.
+
+    The settings are recorded in ``OUT/train_config.json``, so that ``trakview eval`` retrains
+    with the same trainer as the run's checkpoints.
+    """
     if cfg.members < 1:
         raise ValueError(f"members must be at least 1, got {cfg.members}")
     if images.shape[0] < cfg.batch_size:
@@ -141,6 +152,7 @@ def train_ensemble(
         )
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    store.write_json(Path(out) / "train_config.json", asdict(cfg))
     t0 = time.perf_counter()
     paths = [train_member(images, tokens, cfg, m, out, device) for m in range(cfg.members)]
     log.info("trained %d members in %.1f s", cfg.members, time.perf_counter() - t0)
