@@ -201,6 +201,12 @@ def _checkpoints(
     return [str(models.resolve_pretrained(model, pretrained))]
 
 
+def open_clip_quick_gelu(model: str, tag: str) -> bool:
+    import open_clip
+
+    return bool(open_clip.get_pretrained_cfg(model, tag).get("quick_gelu"))
+
+
 @app.command()
 def train(
     ctx: typer.Context,
@@ -253,6 +259,11 @@ def train(
         )
         store.write_jsonl(Path(out) / "skipped.jsonl", skipped)
     init_path = str(models.resolve_pretrained(model, init)) if init else None
+    tag = init if init and not Path(init).exists() else None
+    if tag and open_clip_quick_gelu(model, tag) and "quickgelu" not in model.lower():
+        raise ValueError(
+            f"{model} {tag!r} was trained with QuickGELU: train it as --model {model}-quickgelu"
+        )
     cfg = train_mod.TrainConfig(
         model=model,
         members=members,
@@ -262,7 +273,7 @@ def train(
         seed=seed,
         init=init_path,
     )
-    bundle = models.create(model, pretrained=init if init and not Path(init).exists() else None)
+    bundle = models.create(model, pretrained=tag)
     images = data.image_tensors(pairs, bundle.preprocess, workers=workers)
     tokens = data.tokenize(bundle.tokenizer, pairs.captions)
     for path in train_mod.train_ensemble(images, tokens, cfg, out, device=device):
