@@ -342,3 +342,29 @@ def test_images_inside_shards_open_in_exports_and_the_dashboard(built, tmp_path)
     assert extracted.is_file() and extracted.is_relative_to(run / "cache")
     with Image.open(extracted) as img:
         assert img.size[0] >= 48
+
+
+def test_a_moved_run_resumes_instead_of_being_refused(dataset, checkpoints, tmp_path):
+    """Data, checkpoint and run moved together: the same command finds the run finished."""
+    import shutil
+
+    folder, rows = dataset
+    home = tmp_path / "a"
+    shutil.copytree(folder / "images", home / "data" / "images")
+    _write("jsonl", home / "data", rows)
+    shutil.copy(checkpoints[0], home / "ckpt.pt")
+
+    def build(root: Path):
+        args = ["build", "--train-data", str(root / "data" / "pairs.jsonl"), "--val-fraction"]
+        args += ["0.2", "--checkpoint", str(root / "ckpt.pt"), "--out", str(root / "run")]
+        args += ["--proj-dim", "32", "--projector", "gaussian"]
+        return CliRunner().invoke(app, args)
+
+    assert build(home).exit_code == 0
+    marker = (home / "run" / "stages" / "featurize-0.json").read_text()
+    scores = np.load(home / "run" / "scores.npy")
+    home.rename(tmp_path / "b")
+    result = build(tmp_path / "b")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "b" / "run" / "stages" / "featurize-0.json").read_text() == marker
+    assert np.array_equal(np.load(tmp_path / "b" / "run" / "scores.npy"), scores)
