@@ -38,6 +38,13 @@ WORDS = ("red", "green", "blue", "yellow", "purple", "orange", "circle", "square
 
 def make_image(n: int, folder: str) -> tuple[str, str]:
     """One generated photo-like image (gradients, shapes, noise), 256-640 px a side."""
+    caption = f"a {WORDS[n % 6]} {WORDS[6 + n % 4]} photo number {n}"
+    mode = MODES[n % len(MODES)]
+    ext = "png" if mode == "RGBA" else "jpg"
+    name = f"{n // 1000:03d}/{n:06d}.{ext}"
+    path = Path(folder) / "images" / name
+    if path.is_file():  # an earlier, interrupted generation made it
+        return f"images/{name}", caption
     rng = np.random.default_rng(n)
     w, h = (int(v) for v in rng.integers(256, 641, size=2))
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -48,15 +55,13 @@ def make_image(n: int, folder: str) -> tuple[str, str]:
     disk = (xx - cx) ** 2 + (yy - cy) ** 2 < r * r
     pixels[disk] = rng.uniform(0, 255, 3)
     pixels += rng.normal(0, 12, pixels.shape)
-    img = Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).convert(MODES[n % len(MODES)])
-    ext = "png" if img.mode == "RGBA" else "jpg"
-    name = f"{n // 1000:03d}/{n:06d}.{ext}"
-    path = Path(folder) / "images" / name
+    img = Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).convert(mode)
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     img.save(buffer, format="PNG" if ext == "png" else "JPEG", quality=90)
-    path.write_bytes(buffer.getvalue())
-    caption = f"a {WORDS[n % 6]} {WORDS[6 + n % 4]} photo number {n}"
+    tmp = path.with_suffix(".part")
+    tmp.write_bytes(buffer.getvalue())
+    tmp.rename(path)
     return f"images/{name}", caption
 
 
@@ -139,7 +144,6 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "tv-load")
     parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     args = parser.parse_args()
-
 
     from engine import models
 
