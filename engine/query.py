@@ -126,6 +126,12 @@ class QueryEngine:
         """Per checkpoint: model, gradient computer and TRAK features (once per engine)."""
         if self._models is not None:
             return self._models
+        if "fast_jl" in self.manifest.get("projection", "") and not self.device.startswith("cuda"):
+            raise store.RunError(
+                f"run {self.run} was projected with traker's CudaProjector (fast_jl), which "
+                "runs only on CUDA, so a new query needs --device cuda (stored validation pairs "
+                "open on any device)"
+            )
         self.bundle = models.create(
             self.cfg["model"], device=self.device, pretrained=self.cfg.get("pretrained")
         )

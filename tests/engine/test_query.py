@@ -89,3 +89,16 @@ def test_incomplete_or_foreign_runs_are_refused(run_dir, tmp_path):
     (old / "manifest.json").write_text(json.dumps({"format_version": 0}))
     with pytest.raises(store.RunError, match="format version 0, this trakview reads version 1"):
         QueryEngine.load(old)
+
+
+def test_a_fast_jl_run_refuses_new_queries_on_cpu(run_dir, tmp_path):
+    """traker's CudaProjector exists only on CUDA: a CPU query would use another projection."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    manifest = store.read_json(run / "manifest.json")
+    manifest["projection"] = "traker CudaProjector (fast_jl) + keyed token blocks"
+    store.write_json(run / "manifest.json", manifest)
+    engine = QueryEngine.load(run)
+    engine.for_val(engine.val[0]["id"])  # stored pairs still open
+    with pytest.raises(store.RunError, match="--device cuda"):
+        engine.query(run / engine.val[0]["image"], engine.val[0]["caption"])
