@@ -1,15 +1,15 @@
 """`trakview build`: CLIP embeddings and TRAK scores of every training pair for every val pair.
 
-Stages (each resumable; a finished stage leaves a marker in ``RUN/stages/``):
-pairs -> embed-M (per checkpoint) -> featurize-M -> finalize-M -> score-M -> scores -> topk ->
-diagnose -> index -> manifest. traker's ``TRAKer`` (with trakview's extension points from
-``engine.trak``) does featurize / finalize / score in ``RUN/trak/``; its memmaps record which
-pairs are featurized, so a build killed mid-featurize restarts at the first unfinished batch.
+Stages: pairs (check every image and caption) -> the graph of units (``engine.graph``: per
+checkpoint, embeddings, featurize and X^T X per shard of the pairs, features, target gradients;
+then the scores per block of validation pairs), run by an executor (``engine.executors``: in this
+process, or on Ray) -> topk, ensemble, diagnose -> index -> manifest. Every stage and every unit
+leaves a marker (``RUN/stages/``, ``RUN/units/``): a build that is stopped resumes at the first
+unit that had not finished.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import math
@@ -22,21 +22,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from trak import TRAKer
 
-from engine import data, embed, index, models, runconfig, store
-from engine.trak import (
-    ClipMargin,
-    KeyedProjector,
-    RegularizedScoreComputer,
-    SelectiveGradientComputer,
-    SimulatedBatch,
-    cuda_dense_projector,
-    select_parameters,
-)
+from engine import data, diagnose, executors, graph, index, models, runconfig, store
+from engine.trak import KeyedProjector, cuda_dense_projector
 
 log = logging.getLogger(__name__)
-EXPERIMENT = "val"
+DEFAULT_SHARD_SIZE = 20_000  # pairs per unit; traker's score computer works in blocks of 20,000
 # --projector choices for the dense parameters (token rows always use keyed Gaussian blocks):
 PROJECTORS = {
     "gaussian": "dense Gaussian JL matrix, float32 (traker's CudaProjector on CUDA with fast_jl)",
@@ -66,19 +57,21 @@ class BuildConfig:
     topk: int = 50  # influencers stored per validation pair and sign
     pretrained: str | None = None  # open_clip pretrained tag: its preprocessing and activation
     workers: int = -1  # DataLoader workers reading images; -1 = 0 below 1000 images, else <= 4
+    shard_size: int = 0  # pairs per unit of work (embed, featurize, targets); 0 = 20,000
 
 
 # Settings that do not change a run's results: a resume may change them.
 NOT_IDENTITY = ("workers", "checkpoints")  # checkpoints are compared by content hash instead
 
 
-def resolve(cfg: BuildConfig, n_train: int) -> BuildConfig:
-    """Fills in the data-dependent defaults and checks the settings."""
+def resolve(cfg: BuildConfig, n_train: int, check_device: bool = True) -> BuildConfig:
+    """Fills in the data-dependent defaults and checks the settings (``check_device``: that
+    this machine has the device; a cluster's driver may have none)."""
     if not cfg.checkpoints:
         raise ValueError("no checkpoints given: pass --checkpoint PATH (repeatable)")
     if cfg.device not in ("cpu", "cuda") and not cfg.device.startswith("cuda:"):
         raise ValueError(f"--device must be 'cpu' or 'cuda', got {cfg.device!r}")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+    if check_device and cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but torch sees no CUDA device; use cpu")
     if cfg.half and cfg.device == "cpu":
         raise ValueError(
@@ -97,8 +90,13 @@ def resolve(cfg: BuildConfig, n_train: int) -> BuildConfig:
         raise ValueError(
             f"--projector must be one of {', '.join(PROJECTORS)} or auto, got {projector!r}"
         )
+    if cfg.shard_size < 0:
+        raise ValueError(
+            f"--shard-size must be 0 (auto) or a number of pairs, got {cfg.shard_size}"
+        )
     return replace(
         cfg,
+        shard_size=cfg.shard_size or DEFAULT_SHARD_SIZE,
         proj_dim=proj_dim,
         grad_params=grad_params,
         topk=topk,
@@ -237,23 +235,29 @@ def build(
     overwrite: bool = False,
     strict: bool = False,
     invocation: dict[str, Any] | None = None,
+    executor: executors.Executor | None = None,
 ) -> Path:
     """Builds (or resumes) an attribution run and returns its directory.
 
-    Images are streamed in batches through DataLoader workers at every stage, so memory is
-    bounded by the batch size and the arrays the run keeps, not by the number of images.
+    The work is a graph of units over shards of the pairs (``engine.graph``), run by
+    ``executor``: in this process by default, or on a Ray cluster (``executors.RayExecutor``).
+    Images are streamed in batches through DataLoader workers, so memory is bounded by the batch
+    and shard sizes and the arrays the run keeps, not by the number of images.
 
     Args:
         train: the training pairs the checkpoints were trained on.
         val: the pairs whose matches are explained.
         cfg: settings; data-dependent defaults are resolved and recorded.
-        out: the run directory.
+        out: the run directory (on a cluster: a path every worker sees).
         overwrite: start again from scratch if ``out`` holds a run with other settings.
         strict: fail on an unusable pair (broken image, empty caption) instead of skipping it.
         invocation: the command line's settings (recorded in the manifest and ``run.toml``).
+        executor: what runs the units (default: ``executors.LocalExecutor``).
     """
     out = Path(out)
-    cfg = resolve(cfg, len(train))
+    executor = executor or executors.LocalExecutor()
+    # On a cluster the workers compute: the driver needs no GPU of its own.
+    cfg = resolve(cfg, len(train), check_device=executor.name == "local")
     ckpt_hashes = [models.file_sha256(p) for p in cfg.checkpoints]
     identity = {"train": _fingerprint(train), "val": _fingerprint(val), "checkpoints": ckpt_hashes}
     _open_run(out, cfg, identity, overwrite)
@@ -267,82 +271,32 @@ def build(
     val = data.read_pairs(store.pairs_path(out, "val"))
     cfg = replace(cfg, topk=min(cfg.topk, len(train)))
 
-    bundle = models.create(cfg.model, device=cfg.device, pretrained=cfg.pretrained)
-    model = bundle.model
-    stream = functools.partial(
-        data.loader, preprocess=bundle.preprocess, tokenizer=bundle.tokenizer, workers=cfg.workers
-    )
-
-    states = [models.read_state_dict(p) for p in cfg.checkpoints]
-    for m, state in enumerate(states):
-        models.check_fits(model, state, cfg.checkpoints[m])
-        _embed_stage(out, m, model, state, {"train": train, "val": val}, stream, cfg.device)
-
-    names = select_parameters(model, cfg.grad_params)
-    task = ClipMargin()
-    scorer = functools.partial(RegularizedScoreComputer, lambda_rel=cfg.lambda_rel)
-    projector = projector_for(model, cfg, names)
-    traker = TRAKer(
-        model=model,
-        task=task,
-        train_set_size=len(train),
-        save_dir=str(store.trak_dir(out)),
-        device=cfg.device,
-        gradient_computer=SelectiveGradientComputer,
-        projector=projector,
-        score_computer=scorer,
-        use_half_precision=cfg.half,
-        grad_wrt=names,
-        lambda_reg=cfg.lambda_reg,
-        logging_level=logging.WARNING,
-    )
-    sim = SimulatedBatch(len(train), cfg.sim_batch_size, seed=cfg.seed)
-
-    for m, state in enumerate(states):
-        _set_embeddings(task, out, m)
-        if not store.stage_done(out, f"featurize-{m}"):
-            t = _Timer()
-            featurize_checkpoint(traker, state, m, train, stream, sim, cfg.batch_size)
-            store.mark_stage(out, f"featurize-{m}", {"seconds": t.seconds()})
-        if not store.stage_done(out, f"finalize-{m}"):
-            t = _Timer()
-            traker.finalize_features(model_ids=[m])
-            diag = (
-                traker.score_computer.diagnostics[-1] if traker.score_computer.diagnostics else {}
-            )
-            store.mark_stage(out, f"finalize-{m}", {"seconds": t.seconds(), **diag})
-        if not store.stage_done(out, f"score-{m}"):
-            t = _Timer()
-            traker.start_scoring_checkpoint(EXPERIMENT, state, model_id=m, num_targets=len(val))
-            for inds, x, tokens in stream(val, batch_size=cfg.batch_size, desc=f"scoring ckpt {m}"):
-                batch = (x, tokens, sim.for_targets(len(inds), m))
-                traker.score(batch=batch, inds=np.asarray(inds))
-            store.mark_stage(out, f"score-{m}", {"seconds": t.seconds()})
-
+    graph_seconds = 0.0
     if not store.stage_done(out, "scores"):
+        _check_checkpoints(cfg)
+        plan = graph.plan(len(train), len(val), len(cfg.checkpoints), cfg.shard_size)
         t = _Timer()
-        scores = np.asarray(traker.finalize_scores(exp_name=EXPERIMENT), dtype=np.float32)
-        store.save_npy(store.scores_path(out), scores)  # (n_train, n_val)
-        store.mark_stage(out, "scores", {"seconds": t.seconds()})
+        executor.run(plan, out, cfg)
+        graph_seconds = t.seconds()
 
-    from engine import diagnose  # after scores: it reads what the stages above stored
-
-    diagnose.finish_run(out, cfg, traker, len(states))
+    diagnose.finish_run(out, cfg, len(cfg.checkpoints))
     if not store.stage_done(out, "index"):
         t = _Timer()
-        meta = index.build_run_indexes(out, n_models=len(states))
+        meta = index.build_run_indexes(out, n_models=len(cfg.checkpoints))
         summary = {
             n: {k: i.get(k) for k in ("kind", "n", "dim", "recall_at_10")}
             for n, i in meta["indexes"].items()
         }
         store.mark_stage(out, "index", {"seconds": t.seconds(), "indexes": summary})
-    projection = (
-        f"traker {type(projector.dense_projector).__name__} (fast_jl) + keyed token blocks"
-        if projector.dense_projector is not None
-        else f"trakview KeyedProjector ({cfg.projector})"
-    )
     _write_manifest(
-        out, cfg, train, val, ckpt_hashes, time.perf_counter() - started, projection, invocation
+        out,
+        cfg,
+        train,
+        val,
+        ckpt_hashes,
+        time.perf_counter() - started,
+        {**executor.describe(), "graph_seconds_this_session": graph_seconds},
+        invocation,
     )
     if invocation:
         runconfig.write_toml(
@@ -355,67 +309,11 @@ def build(
     return out
 
 
-def _embed_stage(
-    out: Path,
-    m: int,
-    model: torch.nn.Module,
-    state: dict[str, torch.Tensor],
-    splits: dict[str, data.PairSet],
-    stream: Any,
-    device: str,
-) -> None:
-    if store.stage_done(out, f"embed-{m}"):
-        return
-    t = _Timer()
-    model.load_state_dict(state)
-    images = 0
-    for split, pairs in splits.items():
-        img, txt = [], []
-        for _, x, tokens in stream(pairs, batch_size=256, desc=f"embedding {split} ckpt {m}"):
-            i, tx = embed.encode(model, x, tokens, batch_size=len(x), device=device)
-            img.append(i.numpy())
-            txt.append(tx.numpy())
-        images += len(pairs)
-        store.save_npy(
-            store.checkpoint_embeddings_path(out, split, "image", m), np.concatenate(img)
-        )
-        store.save_npy(store.checkpoint_embeddings_path(out, split, "text", m), np.concatenate(txt))
-    seconds = t.seconds()
-    store.mark_stage(
-        out, f"embed-{m}", {"seconds": seconds, "images_per_second": round(images / seconds, 1)}
-    )
-
-
-def _set_embeddings(task: ClipMargin, out: Path, m: int) -> None:
-    img = store.load_npy(store.checkpoint_embeddings_path(out, "train", "image", m))
-    txt = store.load_npy(store.checkpoint_embeddings_path(out, "train", "text", m))
-    task.set_embeddings(torch.from_numpy(img), torch.from_numpy(txt))
-
-
-def featurize_checkpoint(
-    traker: TRAKer,
-    state: dict[str, torch.Tensor],
-    model_id: int,
-    train: data.PairSet,
-    stream: Any,
-    sim: SimulatedBatch,
-    batch_size: int,
-) -> None:
-    """Featurizes every training pair for one checkpoint, skipping batches already stored
-    (only the images of unfinished batches are read)."""
-    traker.load_checkpoint(state, model_id=model_id)
-    done = traker.saver.current_store["is_featurized"]
-    n = len(train)
-    todo = [
-        range(s, min(n, s + batch_size))
-        for s in range(0, n, batch_size)
-        if not bool(np.all(done[s : min(n, s + batch_size)] == 1))
-    ]
-    for inds, x, tokens in stream(
-        train, batch_size=batch_size, batches=todo, desc=f"featurizing ckpt {model_id}"
-    ):
-        batch = (x, tokens, sim.for_train(list(inds), model_id))
-        traker.featurize(batch=batch, inds=np.asarray(inds))
+def _check_checkpoints(cfg: BuildConfig) -> None:
+    """Every checkpoint fits the architecture, checked before any work is handed out."""
+    model = models.create(cfg.model, device="cpu", pretrained=cfg.pretrained).model
+    for path in cfg.checkpoints:
+        models.check_fits(model, models.read_state_dict(path), path)
 
 
 def _write_manifest(
@@ -425,7 +323,7 @@ def _write_manifest(
     val: data.PairSet,
     ckpt_hashes: list[str],
     total_seconds: float,
-    projection: str,
+    executor: dict[str, Any],
     invocation: dict[str, Any] | None,
 ) -> None:
     import open_clip
@@ -434,6 +332,12 @@ def _write_manifest(
     import engine
 
     stages = sorted(p.stem for p in (out / "stages").glob("*.json"))
+    n_models = len(cfg.checkpoints)
+    units = [
+        store.read_json(store.unit_path(out, u.id))
+        for u in graph.plan(len(train), len(val), n_models, cfg.shard_size)
+        if store.unit_done(out, u.id)
+    ]
     timings = {s: store.read_stage(out, s).get("seconds") for s in stages}
     finalize = [store.read_stage(out, f"finalize-{m}") for m in range(len(cfg.checkpoints))]
     emb_dim = store.load_npy(store.embeddings_path(out, "train", "image"), mmap=True).shape[1]
@@ -458,7 +362,7 @@ def _write_manifest(
             "proj_dim": cfg.proj_dim,
             "ensemble_embedding_dim": int(emb_dim),
         },
-        "projection": projection,
+        "projection": next((u["projection"] for u in units if "projection" in u), None),
         "indexes": store.read_stage(out, "index").get("indexes", {}),
         "conditioning": [
             {k: f[k] for k in ("rank", "proj_dim", "lambda", "condition") if k in f}
@@ -467,6 +371,11 @@ def _write_manifest(
         "skipped": store.read_stage(out, "pairs").get("skipped", {}),
         "timings_seconds": timings,
         "build_seconds_this_session": round(total_seconds, 3),
+        "executor": executor,
+        "units": [
+            {k: u.get(k) for k in ("unit", "seconds", "host", "pid", "pairs") if k in u}
+            for u in units
+        ],
         "invocation": invocation or {},
     }
     store.write_json(store.manifest_path(out), manifest)

@@ -359,11 +359,31 @@ def build(
     overwrite: Annotated[
         bool, typer.Option(help="Start the run again if OUT holds one with other settings.")
     ] = False,
+    shard_size: Annotated[
+        int, typer.Option(help="Pairs per unit of work (embed, featurize, targets); 0 = 20000.")
+    ] = 0,
+    executor: Annotated[
+        str,
+        typer.Option(
+            help="What runs the units: local (this process) or ray (a Ray cluster; "
+            "pip install 'trakview[ray]')."
+        ),
+    ] = "local",
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="Ray cluster to use ('auto': the one `ray start` made here); default: a "
+            "local cluster."
+        ),
+    ] = None,
+    gpus_per_task: Annotated[
+        float, typer.Option(help="With --executor ray: GPUs per computing unit (0.5 shares one).")
+    ] = 0.0,
     config: ConfigFile = None,
     verbose: Verbose = False,
 ) -> None:
     """Compute embeddings, TRAK scores and top influencers into a run directory (resumable)."""
-    from engine import attribute
+    from engine import attribute, executors
 
     _setup_logging(verbose)
     options = sources.SourceOptions(
@@ -372,6 +392,7 @@ def build(
     train_pairs, val_pairs = _read_sources(train_data, val_data, val_fraction, split_seed, options)
     if val_pairs is None:
         raise data.DataError("give --val-data, or --val-fraction to split --train-data")
+    runner = executors.make(executor, ray_address, gpus_per_task)
     cfg = attribute.BuildConfig(
         model=model,
         checkpoints=_checkpoints(model, checkpoint, checkpoints_dir, epochs, pretrained),
@@ -388,6 +409,7 @@ def build(
         half=half,
         topk=topk,
         projector=projector,
+        shard_size=shard_size,
     )
     run = attribute.build(
         train_pairs,
@@ -397,6 +419,7 @@ def build(
         overwrite=overwrite,
         strict=strict,
         invocation=runconfig.settings_of(ctx),
+        executor=runner,
     )
     typer.echo(f"run ready: {run}")
 

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from trak import TRAKer
 
 from engine import embed, store
 from engine.trak import SimulatedBatch
@@ -34,20 +33,33 @@ def topk_indices(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return pos.astype(np.int32), neg.astype(np.int32)
 
 
-def self_influence(traker: TRAKer, n_models: int) -> np.ndarray:
-    """(n_train,) mean over checkpoints of x_i . phi_i, times the mean out-to-loss weight."""
-    leverage = 0.0
-    out_to_loss = 0.0
-    for m in range(n_models):
-        traker.saver.load_current_store(m)
-        cur = traker.saver.current_store
-        grads = np.asarray(cur["grads"], dtype=np.float64)  # (n_train, k)
-        feats = np.asarray(cur["features"], dtype=np.float64)  # (n_train, k)
-        leverage = leverage + (grads * feats).sum(1) / n_models
-        out_to_loss = (
-            out_to_loss + np.asarray(cur["out_to_loss"], dtype=np.float64)[:, 0] / n_models
-        )
-    return (leverage * out_to_loss).astype(np.float32)
+def self_influence(out: Path, n_models: int, block: int = 65536) -> np.ndarray:
+    """(n_train,) mean over checkpoints of x_i . phi_i, times the mean out-to-loss weight, from
+    the run's ``trak/`` store (``block`` rows in memory at a time)."""
+    arrays = [
+        [
+            store.load_npy(path(out, m), mmap=True)
+            for path in (
+                store.trak_grads_path,
+                store.trak_features_path,
+                store.trak_out_to_loss_path,
+            )
+        ]
+        for m in range(n_models)
+    ]
+    n_train = arrays[0][0].shape[0]
+    result = np.empty(n_train, np.float32)
+    for s in range(0, n_train, block):
+        rows = slice(s, min(n_train, s + block))
+        leverage = 0.0
+        out_to_loss = 0.0
+        for grads, feats, weights in arrays:
+            x = np.asarray(grads[rows], dtype=np.float64)  # (b, k)
+            phi = np.asarray(feats[rows], dtype=np.float64)  # (b, k)
+            leverage = leverage + (x * phi).sum(1) / n_models
+            out_to_loss = out_to_loss + np.asarray(weights[rows], dtype=np.float64)[:, 0] / n_models
+        result[rows] = leverage * out_to_loss
+    return result
 
 
 def ensemble_margin(out: Path, cfg: Any, split: str, n_models: int) -> np.ndarray:
@@ -83,7 +95,7 @@ def ensemble_margin(out: Path, cfg: Any, split: str, n_models: int) -> np.ndarra
     return (total / n_models).astype(np.float32)
 
 
-def finish_run(out: Path, cfg: Any, traker: TRAKer, n_models: int) -> None:
+def finish_run(out: Path, cfg: Any, n_models: int) -> None:
     """Writes the derived arrays of a run (stages topk, ensemble, diagnose)."""
     if not store.stage_done(out, "topk"):
         scores = store.load_npy(store.scores_path(out))
@@ -108,7 +120,7 @@ def finish_run(out: Path, cfg: Any, traker: TRAKer, n_models: int) -> None:
             store.save_npy(out / f"{split}_caption_rank.npy", embed.caption_ranks(img, txt))
         store.mark_stage(out, "ensemble", {})
     if not store.stage_done(out, "diagnose"):
-        si = self_influence(traker, n_models)
+        si = self_influence(out, n_models)
         store.save_npy(out / "train_self_influence.npy", si)
         store.save_npy(out / "suspect_mislabeled.npy", si)
         store.mark_stage(out, "diagnose", {"suspect_method": "self-influence"})

@@ -214,3 +214,35 @@ def load_faiss_index(path: str | os.PathLike) -> Any:
     import faiss
 
     return faiss.read_index(str(path))
+
+
+# --- build units and their shard files (engine/graph.py) --------------------------------------
+
+
+def unit_path(run: Path, unit_id: str) -> Path:
+    """Done-marker of one unit of the build graph: its timing and where it ran."""
+    return run / "units" / f"{unit_id}.json"
+
+
+def unit_done(run: Path, unit_id: str) -> bool:
+    return unit_path(run, unit_id).is_file()
+
+
+def shard_dir(run: Path, group: str) -> Path:
+    """Shard files of one gather (``embed-M``, ``train-M``, ``val-M``, ``scores``); the gather
+    that assembles them removes the folder."""
+    return run / "shards" / group
+
+
+def shard_path(run: Path, group: str, name: str, shard: int) -> Path:
+    return shard_dir(run, group) / f"{name}_{shard:05d}.npy"
+
+
+def trak_grads_path(run: Path, model_id: int) -> Path:
+    """Projected training gradients X_m of checkpoint ``model_id``: (n_train, proj_dim) npy."""
+    return trak_dir(run) / str(model_id) / "grads.mmap"
+
+
+def trak_xtx_path(run: Path, model_id: int) -> Path:
+    """X_m^T X_m of checkpoint ``model_id``: (proj_dim, proj_dim) float64 npy."""
+    return trak_dir(run) / str(model_id) / "xtx.npy"

@@ -76,3 +76,37 @@ def run_dir(tmp_path_factory, pairs, checkpoints) -> Path:
         checkpoints=[str(p) for p in checkpoints], topk=20, projector="gaussian"
     )
     return attribute.build(*pairs, cfg, out)
+
+
+@pytest.fixture(scope="session")
+def sharded_config(checkpoints) -> attribute.BuildConfig:
+    """Several units per checkpoint: 3 training shards of 80 pairs (two gradient batches each)
+    and 1 shard of 40 validation pairs."""
+    return attribute.BuildConfig(
+        checkpoints=[str(p) for p in checkpoints],
+        topk=20,
+        projector="gaussian",
+        shard_size=80,
+        batch_size=40,
+    )
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one CPU thread, as in a Ray task of one CPU (float sums depend on the count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def sharded_run(tmp_path_factory, pairs, sharded_config) -> Path:
+    """The small run built in this process with ``sharded_config`` on one CPU thread; the
+    executor and resume tests compare other builds with it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return attribute.build(*pairs, sharded_config, tmp_path_factory.mktemp("sharded") / "run")
+    finally:
+        torch.set_num_threads(before)

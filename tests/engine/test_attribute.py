@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine import attribute, groundtruth, models, store
+from engine import attribute, groundtruth, models, store, units
 from engine.trak import (
     KeyedProjector,
     SimulatedBatch,
@@ -104,35 +104,33 @@ def test_same_build_twice_gives_identical_scores(tmp_path, pairs, checkpoints, r
 
 
 def test_build_killed_mid_featurize_resumes_to_the_same_scores(
-    tmp_path, pairs, checkpoints, run_dir, monkeypatch
+    tmp_path, pairs, sharded_config, sharded_run, monkeypatch, one_thread
 ):
-    cfg = attribute.BuildConfig(
-        checkpoints=[str(p) for p in checkpoints],
-        topk=20,
-        batch_size=40,
-        projector="gaussian",
-    )
-    original = attribute.TRAKer.featurize
+    """Killed in checkpoint 1's featurization (3 units of two batches each), in the middle of
+    its second unit, the build resumes with the units that had not finished, and nothing else, to
+    the uninterrupted build's scores."""
+    original = units.TRAKer.featurize
     calls = {"n": 0}
 
     def dying_featurize(self, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 9:  # checkpoint 1, after 2 of its 6 batches
+        if calls["n"] == 9:  # checkpoint 1, after 2 of its 6 batches: inside its second unit
             raise KeyboardInterrupt("killed")
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(attribute.TRAKer, "featurize", dying_featurize)
+    monkeypatch.setattr(units.TRAKer, "featurize", dying_featurize)
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
-        attribute.build(*pairs, cfg, out)
+        attribute.build(*pairs, sharded_config, out)
     assert store.stage_done(out, "featurize-0") and not store.stage_done(out, "featurize-1")
     assert not (out / "manifest.json").exists()
-    done = np.load(store.trak_dir(out) / "1" / "_is_featurized.mmap")
-    assert 0 < done.sum() < len(pairs[0])  # really stopped halfway through checkpoint 1
+    done = [store.unit_done(out, f"featurize-1-{s:05d}") for s in range(3)]
+    assert done == [True, False, False]  # really stopped in checkpoint 1
 
     calls["n"] = -(10**6)  # the restarted build is not killed
-    attribute.build(*pairs, cfg, out)
-    assert np.array_equal(np.load(out / "scores.npy"), np.load(run_dir / "scores.npy"))
+    attribute.build(*pairs, sharded_config, out)
+    assert calls["n"] == -(10**6) + 4  # only the 2 unfinished units' 4 batches, once each
+    assert np.array_equal(np.load(out / "scores.npy"), np.load(sharded_run / "scores.npy"))
 
 
 def test_reopening_with_other_settings_is_refused(tmp_path, pairs, checkpoints):

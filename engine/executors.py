@@ -1,0 +1,207 @@
+"""Executors of the build graph (``engine.graph``): in this process, or as tasks on Ray.
+
+Both run the same units (``engine.units.run_unit``), which skip themselves when their
+done-marker exists: what an executor adds is where and when each unit runs. ``LocalExecutor``
+runs them one after another; ``RayExecutor`` submits one Ray task per unit, its dependencies
+passed as the results of the tasks it needs, so that Ray's scheduler runs each unit when its inputs
+are ready, on any worker with a free CPU (or GPU: ``gpus_per_task``), and retries a unit whose
+worker died (``max_retries``). One progress bar on the driver counts the units of the whole
+cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from tqdm.auto import tqdm
+
+from engine import graph, store, units
+
+if TYPE_CHECKING:
+    from engine.attribute import BuildConfig
+
+log = logging.getLogger(__name__)
+EXECUTORS = ("local", "ray")
+INSTALL_RAY = "pip install 'trakview[ray]'"
+WAIT_WARNING_SECONDS = 600  # a warning when no unit finishes for this long (a stuck cluster?)
+
+
+class ExecutorError(ValueError):
+    """An executor that cannot be used as asked (Ray missing, flags that do not apply)."""
+
+
+class Executor(Protocol):
+    name: str
+
+    def describe(self) -> dict[str, Any]:
+        """What ran the build, for the manifest."""
+        ...
+
+    def run(self, plan: list[graph.Unit], out: Path, cfg: BuildConfig) -> None:
+        """Runs every unit of ``plan`` that has no done-marker yet."""
+        ...
+
+
+def _todo(plan: list[graph.Unit], out: Path) -> list[graph.Unit]:
+    return [u for u in plan if not store.unit_done(out, u.id)]
+
+
+@dataclass
+class LocalExecutor:
+    """Runs the units in this process, in the plan's order, sharing one ``WorkContext``."""
+
+    name: str = "local"
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+    def run(self, plan: list[graph.Unit], out: Path, cfg: BuildConfig) -> None:
+        todo = _todo(plan, out)
+        ctx = units.WorkContext(out, cfg)
+        with tqdm(total=len(plan), initial=len(plan) - len(todo), desc="build", unit="unit") as bar:
+            for unit in todo:
+                bar.set_postfix_str(unit.id)
+                units.run_unit(unit, ctx)
+                bar.update(1)
+
+
+def run_in_worker(
+    out: str, cfg: BuildConfig, unit: graph.Unit, threads: int, *deps: Any
+) -> dict[str, Any]:
+    """A Ray task's body: one unit, with a context of its own, on ``threads`` CPU threads (the
+    task's CPUs; float sums depend on the thread count). ``deps`` only order the tasks."""
+    import torch
+
+    torch.set_num_threads(threads)
+    return units.run_unit(unit, units.WorkContext(Path(out), cfg))
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+    except ImportError as err:
+        raise ExecutorError(
+            f"--executor ray needs Ray, which is not installed here: {INSTALL_RAY} "
+            "(on the driver and on every worker of the cluster)"
+        ) from err
+    return ray
+
+
+@dataclass
+class RayExecutor:
+    """Runs each unit as a Ray task.
+
+    Connects to the cluster at ``address`` (``auto``: the one ``ray start`` made on this machine),
+    or starts a local one with ``num_cpus`` CPUs when there is none; a cluster already connected
+    (``ray.init`` called before) is used as it is. Every worker must see the run directory at
+    the same path (shared storage) and have trakview installed.
+    """
+
+    address: str | None = None
+    gpus_per_task: float = 0.0  # GPUs reserved by each unit that computes (embed, featurize, ...)
+    max_retries: int = 3  # times Ray reruns a unit whose worker died
+    cpus_per_task: int = 1  # CPUs (and torch threads) of each task
+    num_cpus: int | None = None  # CPUs of a local cluster started here
+    name: str = "ray"
+    cluster: dict[str, float] = field(default_factory=dict, init=False)  # the last run's
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "gpus_per_task": self.gpus_per_task,
+            "max_retries": self.max_retries,
+            "cpus_per_task": self.cpus_per_task,
+            "cluster": self.cluster,
+        }
+
+    def task(self) -> Callable[..., dict[str, Any]]:
+        """The function each Ray task runs."""
+        return run_in_worker
+
+    def run(self, plan: list[graph.Unit], out: Path, cfg: BuildConfig) -> None:
+        ray = import_ray()
+        if cfg.device.startswith("cuda") and not self.gpus_per_task:
+            raise ExecutorError(
+                "--device cuda on Ray needs GPUs for the tasks: add --gpus-per-task 1 (or 0.5 "
+                "to run two units on one GPU)"
+            )
+        started = not ray.is_initialized()
+        if started:
+            ray.init(
+                address=self.address,
+                num_cpus=None if self.address else self.num_cpus,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+            )
+        resources = ray.cluster_resources()
+        self.cluster = {k: v for k, v in resources.items() if not k.startswith("node:")}
+        try:
+            self._run(ray, plan, out, cfg)
+        finally:
+            if started:
+                ray.shutdown()
+
+    def _run(self, ray: Any, plan: list[graph.Unit], out: Path, cfg: BuildConfig) -> None:
+        remote = ray.remote(self.task())
+        cfg_ref = ray.put(cfg)
+        refs: dict[str, Any] = {}
+        for unit in _todo(plan, out):
+            deps = [refs[d] for d in unit.deps if d in refs]  # finished ones are not waited for
+            refs[unit.id] = remote.options(
+                name=unit.id,
+                num_cpus=self.cpus_per_task,
+                num_gpus=self.gpus_per_task if unit.uses_device else 0,
+                max_retries=self.max_retries,
+            ).remote(str(Path(out).resolve()), cfg_ref, unit, self.cpus_per_task, *deps)
+        pending = list(refs.values())
+        with tqdm(
+            total=len(plan), initial=len(plan) - len(refs), desc="build on ray", unit="unit"
+        ) as bar:
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1, timeout=WAIT_WARNING_SECONDS)
+                if not ready:
+                    log.warning(
+                        "no unit has finished for %d s (%d left); the cluster has %s free",
+                        WAIT_WARNING_SECONDS,
+                        len(pending),
+                        ray.available_resources(),
+                    )
+                    continue
+                try:
+                    marker = ray.get(ready[0])
+                except Exception:
+                    for ref in pending:
+                        ray.cancel(ref)
+                    raise
+                bar.set_postfix_str(f"{marker['unit']} on {marker['host']}")
+                bar.update(1)
+
+
+def make(
+    name: str = "local",
+    address: str | None = None,
+    gpus_per_task: float = 0.0,
+    max_retries: int = 3,
+) -> Executor:
+    """The executor the command line asks for.
+
+    Raises:
+        ExecutorError: an unknown name, Ray options without ``ray``, or Ray not installed.
+    """
+    if name not in EXECUTORS:
+        raise ExecutorError(f"--executor must be one of {', '.join(EXECUTORS)}, got {name!r}")
+    if name == "local":
+        if address or gpus_per_task:
+            raise ExecutorError(
+                "--ray-address and --gpus-per-task apply to --executor ray only; add "
+                "--executor ray, or drop them"
+            )
+        return LocalExecutor()
+    import_ray()
+    if gpus_per_task < 0:
+        raise ExecutorError(f"--gpus-per-task must be 0 or more, got {gpus_per_task}")
+    return RayExecutor(address=address, gpus_per_task=gpus_per_task, max_retries=max_retries)

@@ -1,0 +1,67 @@
+"""The build graph: its units and their order, a sharded build against the one-shard build, and
+the choice of executor."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from engine import executors, graph, store
+
+
+def test_plan_runs_every_unit_after_its_dependencies(monkeypatch):
+    monkeypatch.setattr(graph, "SCORES_BLOCK_ELEMENTS", 250 * 20)  # 20 targets per scores unit
+    plan = graph.plan(n_train=250, n_val=45, n_models=2, shard_size=100)
+    ids = [u.id for u in plan]
+    assert len(ids) == len(set(ids))
+    position = {u: i for i, u in enumerate(ids)}
+    for u in plan:
+        assert all(position[d] < position[u.id] for d in u.deps), u.id
+    kinds = [u.kind for u in plan]
+    assert kinds.count("embed") == 2 * (3 + 1)  # per checkpoint: 3 training + 1 validation shard
+    assert kinds.count("featurize") == kinds.count("features") == 2 * 3
+    assert kinds.count("xtx") == kinds.count("targets") == 2
+    assert [u.rows for u in plan if u.kind == "featurize"][:3] == [(0, 100), (100, 200), (200, 250)]
+    assert [u.rows for u in plan if u.kind == "scores"] == [(0, 20), (20, 40), (40, 45)]
+    # the reduce needs every shard of its checkpoint, and the scores every checkpoint
+    assert set(next(u for u in plan if u.id == "xtx-1").deps) == {
+        f"featurize-1-{s:05d}" for s in range(3)
+    }
+    assert {"gather-trak-0", "gather-trak-1", "gather-targets-1"} <= set(plan[-2].deps)
+    assert plan[-1].id == "gather-scores"
+    with pytest.raises(ValueError, match="at least 1 row"):
+        graph.shard_rows(10, 0)
+
+
+def test_sharded_build_agrees_with_the_one_shard_build(sharded_run, run_dir):
+    """Shards change only the order of float sums (X^T X, embeddings in other batches)."""
+    one, many = np.load(run_dir / "scores.npy"), np.load(sharded_run / "scores.npy")
+    np.testing.assert_allclose(many, one, rtol=1e-3, atol=1e-4 * np.abs(one).max())
+    np.testing.assert_array_equal(
+        np.load(run_dir / "topk_pos.npy")[:, :5], np.load(sharded_run / "topk_pos.npy")[:, :5]
+    )
+    manifest = json.loads((sharded_run / "manifest.json").read_text())
+    assert manifest["config"]["shard_size"] == 80 and manifest["executor"]["name"] == "local"
+    done = {u["unit"] for u in manifest["units"]}
+    assert {"featurize-1-00002", "xtx-1", "scores-00000", "gather-scores"} <= done
+    assert not (sharded_run / "shards").exists()  # every gather removed its shard files
+    # the gathered trak/ store is traker's: ids, metadata and featurized flags
+    meta = json.loads((store.trak_dir(sharded_run) / "metadata.json").read_text())
+    assert meta == {"JL dimension": 64, "JL matrix type": "normal", "train set size": 240}
+    xtx = np.load(store.trak_xtx_path(sharded_run, 1))
+    grads = np.load(store.trak_grads_path(sharded_run, 1)).astype(np.float64)
+    np.testing.assert_allclose(xtx, grads.T @ grads, rtol=1e-10, atol=1e-12 * np.abs(xtx).max())
+
+
+def test_executor_choice_errors_say_how_to_fix_them(monkeypatch):
+    assert isinstance(executors.make("local"), executors.LocalExecutor)
+    with pytest.raises(executors.ExecutorError, match="apply to --executor ray only"):
+        executors.make("local", address="auto")
+    with pytest.raises(executors.ExecutorError, match="one of local, ray"):
+        executors.make("dask")
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    with pytest.raises(executors.ExecutorError, match=r"pip install 'trakview\[ray\]'"):
+        executors.make("ray")
