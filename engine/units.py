@@ -1,11 +1,11 @@
 """The work of each unit of the build graph (``engine.graph``), in whichever process runs it.
 
 Gradients, projections and scores are computed by traker's ``TRAKer`` with trakview's extension
-points (``engine.trak``), one shard at a time: ``ShardSaver`` is a traker saver that holds one
-shard's arrays in memory, and each unit writes its own files. X^T X is the sum of the shards'
-X_s^T X_s (``RegularizedScoreComputer.get_xtx`` per shard), and the features of a shard are
-``RegularizedScoreComputer.get_x_xtx_inv`` of its rows with the whole X^T X and its lambda.
-"""
+points (``engine.trak``), one shard at a time: ``engine.shard_saver.ShardSaver`` is a traker
+saver that holds one shard's arrays in memory, and each unit writes its own files. X^T X is the
+sum of the shards' X_s^T X_s (``RegularizedScoreComputer.get_xtx`` per shard), and the features
+of a shard are ``RegularizedScoreComputer.get_x_xtx_inv`` of its rows with the whole X^T X and
+its lambda."""
 
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from trak import TRAKer
-from trak.savers import AbstractSaver, ModelIDException
 
 from engine import data, diagnose, embed, graph, models, store
+from engine.shard_saver import ShardSaver
 from engine.trak import (
     MAX_CONDITION,
     ClipMargin,
@@ -41,96 +41,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 EXPERIMENT = "val"  # traker's experiment name of the validation targets (trak/m/val_grads.mmap)
 EMBED_BATCH = 256
-
-
-class ShardSaver(AbstractSaver):
-    """traker's saver over arrays in memory: one shard of training pairs (``featurize``), one
-    shard of targets (``score``), or given arrays of the run (``finalize_scores``).
-
-    Nothing is written to ``save_dir``: each unit saves its own shard files. A model id added with
-    ``add_finalized`` counts as featurized and finalized, its features being other units' work.
-    """
-
-    def __init__(
-        self,
-        save_dir: str | Path,
-        metadata: dict[str, Any],
-        train_set_size: int,
-        proj_dim: int,
-        load_from_save_dir: bool,
-        logging_level: int,
-        use_half_precision: bool,
-    ) -> None:
-        # not AbstractSaver.__init__: it creates folders and traker's json files in save_dir
-        self.metadata = metadata
-        self.save_dir = Path(save_dir)
-        self.train_set_size = train_set_size
-        self.proj_dim = proj_dim
-        self.dtype = np.float16 if use_half_precision else np.float32
-        self.model_ids: dict[int, dict[str, int]] = {}
-        self.experiments: dict[str, dict[str, Any]] = {}
-        self.stores: dict[int, dict[str, Any]] = {}
-        self.scores: dict[str, np.ndarray] = {}
-        self.current_model_id: int | None = None
-        self.current_experiment_name: str | None = None
-        self.current_store: dict[str, Any] = {}
-
-    def register_model_id(
-        self, model_id: int, _allow_featurizing_already_registered: bool = False
-    ) -> None:
-        self.model_ids[model_id] = {"is_featurized": 0, "is_finalized": 0}
-        self.init_store(model_id)
-
-    def init_store(self, model_id: int) -> None:
-        n, k = self.train_set_size, self.proj_dim
-        self.stores[model_id] = {
-            "grads": np.zeros((n, k), self.dtype),
-            "out_to_loss": np.zeros((n, 1), self.dtype),
-            "features": None,
-            "is_featurized": np.zeros(n, np.int32),
-        }
-        self.load_current_store(model_id)
-
-    def add_finalized(self, model_id: int, arrays: dict[str, Any]) -> None:
-        self.model_ids[model_id] = {"is_featurized": 1, "is_finalized": 1}
-        self.stores.setdefault(model_id, {}).update(arrays)
-
-    def serialize_current_model_id_metadata(self, already_exists: bool = True) -> None:
-        done = self.current_store["is_featurized"]
-        self.model_ids[self.current_model_id]["is_featurized"] = int(done.sum() == len(done))
-
-    def init_experiment(self, exp_name: str, num_targets: int, model_id: int) -> None:
-        if model_id not in self.model_ids:
-            raise ModelIDException(f"model id {model_id} was not added to this shard's saver")
-        self.experiments[exp_name] = {"num_targets": num_targets}
-        grads = np.zeros((num_targets, self.proj_dim), self.dtype)
-        self.stores[model_id][f"{exp_name}_grads"] = grads
-        self.load_current_store(model_id, exp_name, num_targets)
-
-    def load_current_store(
-        self,
-        model_id: int,
-        exp_name: str | None = None,
-        exp_num_targets: int = -1,
-        mode: str = "r+",
-    ) -> None:
-        self.current_model_id = model_id
-        self.current_store.update(self.stores[model_id])
-        if exp_name is not None:
-            self.current_experiment_name = exp_name
-            if exp_name in self.scores:
-                self.current_store[f"{exp_name}_scores"] = self.scores[exp_name]
-
-    def init_scores(self, exp_name: str, num_targets: int) -> None:
-        """Where ``finalize_scores`` writes the scores of experiment ``exp_name``."""
-        self.experiments[exp_name] = {"num_targets": num_targets}
-        self.scores[exp_name] = np.zeros((self.train_set_size, num_targets), self.dtype)
-
-    def save_scores(self, exp_name: str) -> None:
-        """The scores stay in memory: the unit saves them."""
-
-    def del_grads(self, model_id: int) -> None:
-        self.stores[model_id]["grads"] = None
 
 
 class WorkContext:
@@ -260,6 +170,7 @@ def run_unit(unit: graph.Unit, ctx: WorkContext) -> dict[str, Any]:
         return ctx.marker(unit.id)
     t0 = time.perf_counter()
     info = RUNNERS[unit.kind](unit, ctx, t0)
+    consumed = info.pop("consumed", None)  # a gather's shard folder
     marker = {
         "unit": unit.id,
         "seconds": round(time.perf_counter() - t0, 3),
@@ -268,6 +179,10 @@ def run_unit(unit: graph.Unit, ctx: WorkContext) -> dict[str, Any]:
         **info,
     }
     store.write_json(store.unit_path(ctx.out, unit.id), marker)
+    if consumed is not None:  # only now: a gather stopped before its marker must find them again
+        shutil.rmtree(store.shard_dir(ctx.out, consumed), ignore_errors=True)
+        with contextlib.suppress(OSError):  # the last gather leaves no folder in shards/
+            store.shard_dir(ctx.out, "").rmdir()
     return marker
 
 
@@ -343,8 +258,7 @@ def _gather_embed(unit: graph.Unit, ctx: WorkContext, t0: float) -> dict[str, An
         f"embed-{m}",
         {"seconds": seconds, "images_per_second": round(images / max(seconds, 1e-9), 1)},
     )
-    shutil.rmtree(store.shard_dir(ctx.out, group), ignore_errors=True)
-    return {}
+    return {"consumed": group}
 
 
 def _featurize(unit: graph.Unit, ctx: WorkContext, t0: float) -> dict[str, Any]:
@@ -443,8 +357,7 @@ def _gather_trak(unit: graph.Unit, ctx: WorkContext, t0: float) -> dict[str, Any
     seconds = ctx.seconds([reduce, *unit.deps]) + time.perf_counter() - t0
     diagnostics = ctx.marker(reduce)["diagnostics"]
     store.mark_stage(ctx.out, f"finalize-{m}", {"seconds": round(seconds, 3), **diagnostics})
-    shutil.rmtree(store.shard_dir(ctx.out, group), ignore_errors=True)
-    return {}
+    return {"consumed": group}
 
 
 def _targets(unit: graph.Unit, ctx: WorkContext, t0: float) -> dict[str, Any]:
@@ -470,8 +383,7 @@ def _gather_targets(unit: graph.Unit, ctx: WorkContext, t0: float) -> dict[str, 
     _gather_rows(parts, store.trak_target_grads_path(ctx.out, m, EXPERIMENT))
     seconds = ctx.seconds(list(unit.deps)) + time.perf_counter() - t0
     store.mark_stage(ctx.out, f"score-{m}", {"seconds": round(seconds, 3)})
-    shutil.rmtree(store.shard_dir(ctx.out, group), ignore_errors=True)
-    return {}
+    return {"consumed": group}
 
 
 def _scores(unit: graph.Unit, ctx: WorkContext, t0: float) -> dict[str, Any]:
@@ -513,10 +425,7 @@ def _gather_scores(unit: graph.Unit, ctx: WorkContext, t0: float) -> dict[str, A
     seconds = ctx.seconds(list(unit.deps)) + time.perf_counter() - t0
     store.mark_stage(ctx.out, "scores", {"seconds": round(seconds, 3)})
     store.mark_stage(ctx.out, "topk", {"k": ctx.cfg.topk})
-    shutil.rmtree(store.shard_dir(ctx.out, "scores"), ignore_errors=True)
-    with contextlib.suppress(OSError):  # every gather has removed its own folder by now
-        store.shard_dir(ctx.out, "").rmdir()
-    return {}
+    return {"consumed": "scores"}
 
 
 RUNNERS = {
