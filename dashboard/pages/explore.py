@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from dashboard import state, ui
+from dashboard import eval_view, state, ui
 
 run = state.open_run()
 ids = [str(r["id"]) for r in run.val]
@@ -50,4 +50,5 @@ with header:
         },
         rec,
     )
+    eval_view.pair_check(run.path, val_id, j)
 ui.influence_view(run, result, k, "ex")

@@ -5,7 +5,7 @@ import html
 import numpy as np
 import streamlit as st
 
-from dashboard import state, ui
+from dashboard import eval_view, state, ui
 from engine.query import QueryResult
 
 run = state.open_run()
@@ -101,6 +101,10 @@ else:
         notes=["Cards are ranked by suspicion (suspect_mislabeled.npy), not by TRAK score."],
     )
     ui.export_buttons(run, flagged, "ov-sus", query_image=run.val_mosaic)
+
+st.header("Are the attributions right?")
+eval_view.lds_section(run.path)
+eval_view.removal_section(run.path)
 
 clicked = ui.first(opened)
 if clicked is not None:
