@@ -1,0 +1,417 @@
+"""Counterfactual evaluation of the default demo: LDS (with 95% intervals) of trakview's TRAK,
+traker's stock pipeline, CLIP similarity, gradient dot product and random scores; the removal
+experiment; LDS against the number of checkpoints M, proj_dim and lambda; and the wall time of
+the default evaluation (`trakview eval lds` with its defaults).
+
+Everything is cached (the evaluation's models under RUN/eval/, the variant runs and stock scores
+under --work), so an interrupted benchmark continues where it stopped; --fresh deletes the LDS
+cache first so that the evaluation is timed from scratch.
+
+traker's stock pipeline is run as the seed tutorial does, with only the fixes it needs to run on
+CPU (as bench_featurize.py): the embeddings are set per checkpoint without ``get_embeddings``
+(which calls ``.cuda()``), the out-to-loss term is reshaped to (B, 1), float32 on CPU; same
+checkpoints, proj_dim, attributed parameters and simulated batch size as trakview's run.
+
+    python bench/bench_eval.py [--demo DIR] [--fresh] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from trak import TRAKer
+from trak.modelout_functions import CLIPModelOutput
+
+from bench_common import machine, write_section
+from engine import attribute, data, demo, evalstats, evaluate, models, retrain, runs, store, train
+from engine.trak import RegularizedScoreComputer, select_parameters
+
+QUICK = demo.DemoConfig(n_train=600, n_val=60, members=2, epochs=6)
+
+
+class StockClipOnCpu(CLIPModelOutput):
+    """traker's CLIPModelOutput with the one fix featurize needs: out-to-loss shaped (B, 1)."""
+
+    def get_out_to_loss_grad(self, model, weights, buffers, batch):
+        return super().get_out_to_loss_grad(model, weights, buffers, batch).reshape(-1, 1)
+
+
+def _set_stock_embeddings(run: Path, m: int) -> None:
+    """What ``get_embeddings`` would store for checkpoint m, minus its hard-coded ``.cuda()``."""
+    img = torch.from_numpy(
+        store.load_npy(store.checkpoint_embeddings_path(run, "train", "image", m))
+    )
+    txt = torch.from_numpy(
+        store.load_npy(store.checkpoint_embeddings_path(run, "train", "text", m))
+    )
+    CLIPModelOutput.image_embeddings = img
+    CLIPModelOutput.text_embeddings = txt
+    CLIPModelOutput.num_computed_embeddings = len(img)
+
+
+def stock_scores(run: Path, save_dir: Path, batch: int = 50) -> tuple[np.ndarray, float]:
+    """(n_train, n_val) scores of traker's stock CLIP pipeline on the run's checkpoints, seconds."""
+    manifest = runs.read_manifest(run)
+    cfg = manifest["config"]
+    torch.manual_seed(cfg["seed"])  # the stock simulated batch draws from torch's global RNG
+    tr_x, tr_t, va_x, va_t = (torch.from_numpy(a) for a in retrain.load_inputs(run, cfg["model"]))
+    model = models.create(cfg["model"]).model
+    names = select_parameters(model, cfg["grad_params"])
+    ckpts = [run / c["path"] for c in manifest["checkpoints"]]
+    t0 = time.perf_counter()
+    traker = TRAKer(
+        model=model,
+        task=StockClipOnCpu(simulated_batch_size=cfg["sim_batch_size"]),
+        train_set_size=len(tr_x),
+        save_dir=str(save_dir),
+        device="cpu",
+        proj_dim=cfg["proj_dim"],
+        use_half_precision=False,
+        grad_wrt=names,
+        logging_level=logging.ERROR,
+    )
+    for m, path in enumerate(ckpts):
+        _set_stock_embeddings(run, m)
+        traker.load_checkpoint(models.read_state_dict(path), model_id=m)
+        for s in range(0, len(tr_x), batch):
+            n = min(batch, len(tr_x) - s)
+            traker.featurize(batch=(tr_x[s : s + n], tr_t[s : s + n]), num_samples=n)
+    traker.finalize_features()
+    for m, path in enumerate(ckpts):
+        _set_stock_embeddings(run, m)
+        traker.start_scoring_checkpoint(
+            exp_name="val",
+            checkpoint=models.read_state_dict(path),
+            model_id=m,
+            num_targets=len(va_x),
+        )
+        for s in range(0, len(va_x), batch):
+            n = min(batch, len(va_x) - s)
+            traker.score(batch=(va_x[s : s + n], va_t[s : s + n]), num_samples=n)
+    scores = np.asarray(traker.finalize_scores(exp_name="val"), dtype=np.float32)
+    return scores, time.perf_counter() - t0
+
+
+def lambda_scores(run: Path, n_models: int, lambda_rel: float) -> np.ndarray:
+    """TRAK scores of the run's store, re-finalized with another relative ridge term."""
+    grads, val, otl = evaluate.trak_store_arrays(
+        run, range(n_models), ("grads", "val", "out_to_loss")
+    )
+    computer = RegularizedScoreComputer(torch.float32, "cpu", lambda_rel=lambda_rel)
+    features = []
+    for x in grads:
+        x = torch.from_numpy(np.array(x))  # a writable copy of the memmap
+        features.append(computer.get_x_xtx_inv(x, computer.get_xtx(x)).numpy())
+    return evalstats.trak_scores(features, val, otl)
+
+
+def variant_run(
+    demo_dir: Path, out: Path, checkpoints: list[Path], seed: int, **kw
+) -> tuple[Path, float]:
+    """A run of the demo's pairs with other checkpoints or settings (cached), and its build time."""
+    t0 = time.perf_counter()
+    cfg = attribute.BuildConfig(checkpoints=[str(p) for p in checkpoints], seed=seed, **kw)
+    train_pairs = data.read_pairs(demo_dir / "data" / "train.jsonl")
+    val_pairs = data.read_pairs(demo_dir / "data" / "val.jsonl")
+    if not store.manifest_path(out).is_file():
+        attribute.build(train_pairs, val_pairs, cfg, out)
+        return out, time.perf_counter() - t0
+    return out, float("nan")
+
+
+def more_members(demo_dir: Path, work: Path, dcfg: demo.DemoConfig, members: int) -> list[Path]:
+    """The demo's members plus new ones (the demo's trainer, seeds seed + K) up to ``members``."""
+    folder = work / f"models{members}"
+    for m in range(dcfg.members):
+        link = folder / f"member-{m}"
+        if not link.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            link.symlink_to((demo_dir / "models" / f"member-{m}").resolve())
+    tcfg = train.TrainConfig(
+        model=dcfg.model, members=members, epochs=dcfg.epochs, lr=dcfg.lr, seed=dcfg.seed
+    )
+    pairs = data.read_pairs(demo_dir / "data" / "train.jsonl")
+    bundle = models.create(dcfg.model)
+    images = data.image_tensors(pairs, bundle.preprocess)
+    tokens = data.tokenize(bundle.tokenizer, pairs.captions)
+    return train.train_ensemble(images, tokens, tcfg, folder)
+
+
+def md_table(header: tuple[str, ...], rows: list[tuple]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def fmt_lds(m: dict) -> tuple[str, str, str]:
+    diff = m.get("reference_minus_this")
+    return (
+        f"{m['lds']:+.3f}",
+        f"[{m['ci'][0]:+.3f}, {m['ci'][1]:+.3f}] (±{m['half_width']:.3f})",
+        f"{diff['mean']:+.3f} [{diff['ci'][0]:+.3f}, {diff['ci'][1]:+.3f}]" if diff else "",
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--demo", type=Path, default=Path("/tmp/trakview-bench/demo"))
+    parser.add_argument("--work", type=Path, default=None, help="default: DEMO/bench-eval")
+    parser.add_argument("--subsets", type=int, default=evaluate.LdsConfig.subsets)
+    parser.add_argument("--models-per-subset", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--targets", type=int, default=20)
+    parser.add_argument("--ks", default="10,50")
+    parser.add_argument("--ms", default="1,2,4,8")
+    parser.add_argument("--proj-dims", default="128,256,512,1024,2048")
+    parser.add_argument("--lambdas", default="1e-4,1e-3,1e-2,1e-1,1")
+    parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--fresh", action="store_true", help="time the LDS evaluation from scratch")
+    parser.add_argument("--skip-removal", action="store_true")
+    parser.add_argument("--skip-variants", action="store_true", help="no M / proj_dim / stock")
+    parser.add_argument("--quick", action="store_true", help="a small world, minutes; no write")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch threads outside the retraining workers"
+    )
+    args = parser.parse_args()
+    dcfg = demo.DemoConfig()
+    if args.quick:
+        dcfg = QUICK
+        args.demo = (
+            Path("/tmp/trakview-bench/quick-demo")
+            if args.demo == parser.get_default("demo")
+            else args.demo
+        )
+        args.subsets, args.targets, args.ks = 8, 3, "5,20"
+        args.ms, args.proj_dims, args.bootstrap = "1,2,4", "64,128", 200
+    work = args.work or args.demo / "bench-eval"
+    work.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING)
+
+    t0 = time.perf_counter()
+    run = demo.run_demo(dcfg, args.demo)
+    demo_seconds = time.perf_counter() - t0
+    manifest = runs.read_manifest(run)
+    proj_default, n_default = manifest["counts"]["proj_dim"], manifest["counts"]["n_checkpoints"]
+    tcfg = train.TrainConfig(model=dcfg.model, epochs=dcfg.epochs, lr=dcfg.lr, seed=dcfg.seed)
+
+    # 1. the default evaluation, timed
+    if args.fresh:
+        shutil.rmtree(evaluate.eval_dir(run) / "lds", ignore_errors=True)
+    load_before = os.getloadavg()
+    lcfg = evaluate.LdsConfig(
+        subsets=args.subsets,
+        models_per_subset=args.models_per_subset,
+        workers=args.workers,
+        bootstrap=args.bootstrap,
+    )
+    t0 = time.perf_counter()
+    lds = evaluate.evaluate_lds(run, lcfg, tcfg, train_source="the demo's trainer")
+    eval_seconds = time.perf_counter() - t0
+    load_after = os.getloadavg()
+    masks, outputs = evaluate.load_lds_cache(run, args.subsets)
+    print(f"LDS evaluation: {eval_seconds:.0f} s, {lds['timings']}", flush=True)
+    # the wall time reported is the last evaluation timed from scratch (a later call is cached)
+    timed = work / f"lds-timing-{args.subsets}x{args.models_per_subset}.json"
+    if lds["timings"]["models_trained"] == lds["counts"]["models"]:
+        store.write_json(
+            timed,
+            {
+                "seconds": eval_seconds,
+                "load_before": load_before,
+                "load_after": load_after,
+                "timings": lds["timings"],
+                "models": lds["counts"]["models"],
+                "date": time.strftime("%Y-%m-%d %H:%M"),
+            },
+        )
+
+    # 2. every score matrix, scored against the same subset models with paired resamples
+    scores = evaluate.method_scores(run, list(evaluate.METHODS))
+    labels = {
+        "trak": f"trakview TRAK (M={n_default}, proj_dim {proj_default})",
+        "stock": f"traker 0.3.2 stock pipeline (M={n_default}, proj_dim {proj_default})",
+        "grad-dot": "gradient dot product (TracIn-style, final checkpoints)",
+        "clip-image": "CLIP image similarity",
+        "clip-text": "CLIP caption similarity",
+        "clip-pair": "CLIP pair similarity (mean of both)",
+        "random": "random",
+    }
+    costs: dict[str, str] = {}
+    if not args.skip_variants:
+        path = work / f"stock-M{n_default}.npy"
+        if not path.is_file():
+            shutil.rmtree(work / "stock-store", ignore_errors=True)
+            stock, seconds = stock_scores(run, work / "stock-store")
+            store.save_npy(path, stock)
+            store.write_json(work / "stock-seconds.json", {"seconds": seconds})
+        scores["stock"] = store.load_npy(path)
+        costs["stock"] = f"{store.read_json(work / 'stock-seconds.json')['seconds']:.0f} s"
+        ms = [int(m) for m in args.ms.split(",")]
+        ckpts = more_members(args.demo, work, dcfg, max(ms))
+        run_m, _ = variant_run(args.demo, work / f"run-M{max(ms)}", ckpts, dcfg.seed)
+        for m in ms:
+            scores[f"M={m}"] = evaluate.store_trak_scores(run_m, list(range(m)))
+        for k in [int(p) for p in args.proj_dims.split(",")]:
+            if k == proj_default:
+                scores[f"proj_dim={k}"] = scores["trak"]
+                continue
+            ckpt4 = ckpts[:n_default]
+            out, seconds = variant_run(args.demo, work / f"run-p{k}", ckpt4, dcfg.seed, proj_dim=k)
+            scores[f"proj_dim={k}"] = store.load_npy(store.scores_path(out))
+        for lam in [float(v) for v in args.lambdas.split(",")]:
+            scores[f"lambda_rel={lam:g}"] = lambda_scores(run, n_default, lam)
+    preds = {k: evalstats.subset_predictions(v, masks) for k, v in scores.items()}
+    result = evalstats.bootstrap_lds(preds, outputs, args.bootstrap, seed=0)
+    at_max_m: list[tuple] = []
+    if not args.skip_variants:  # every method again with the larger ensemble's checkpoints
+        big = evaluate.method_scores(run_m, list(evaluate.METHODS))
+        preds_big = {k: evalstats.subset_predictions(v, masks) for k, v in big.items()}
+        res_big = evalstats.bootstrap_lds(preds_big, outputs, args.bootstrap, seed=0)
+        at_max_m = [
+            (k, *fmt_lds(res_big[k])) for k in sorted(res_big, key=lambda k: -res_big[k]["lds"])
+        ]
+        print(
+            md_table((f"method, M={max(ms)}", "LDS", "95% interval", "TRAK minus method"), at_max_m)
+        )
+
+    main_rows = [
+        (labels[k], *fmt_lds(result[k]))
+        for k in sorted((k for k in labels if k in result), key=lambda k: -result[k]["lds"])
+    ]
+    print(md_table(("method", "LDS", "95% interval", "TRAK minus method"), main_rows))
+    sweep_rows = [
+        (k, *fmt_lds(result[k])) for k in result if k.startswith(("M=", "proj_dim=", "lambda_rel="))
+    ]
+    if sweep_rows:
+        print(
+            md_table(
+                ("variant of trakview TRAK", "LDS", "95% interval", "default minus variant"),
+                sweep_rows,
+            )
+        )
+
+    # 3. removal
+    removal_md = ""
+    if not args.skip_removal:
+        val_ids = [str(r["id"]) for r in store.read_jsonl(store.pairs_path(run, "val"))]
+        targets = evaluate.sample_targets(val_ids, args.targets, seed=0)
+        rcfg = evaluate.RemoveConfig(
+            targets=targets,
+            ks=[int(k) for k in args.ks.split(",")],
+            workers=args.workers,
+            bootstrap=args.bootstrap,
+        )
+        t0 = time.perf_counter()
+        removal = evaluate.evaluate_removal(run, rcfg, tcfg, train_source="the demo's trainer")
+        removal_seconds = time.perf_counter() - t0
+        rows = []
+        for r in removal["summary"]:
+            diff = r.get("this_minus_trak")
+            rows.append(
+                (
+                    r["k"],
+                    r["method"],
+                    r["targets"],
+                    f"{r['mean_delta']:+.4f} [{r['ci'][0]:+.4f}, {r['ci'][1]:+.4f}]",
+                    f"{r['median_delta']:+.4f}",
+                    f"{r['share_dropped']:.0%}",
+                    f"{diff['mean']:+.4f} [{diff['ci'][0]:+.4f}, {diff['ci'][1]:+.4f}]"
+                    if diff
+                    else "",
+                )
+            )
+        header = (
+            "k",
+            "removed",
+            "targets",
+            "mean change of the target's margin [95%]",
+            "median",
+            "margin dropped",
+            "change minus TRAK's [95%]",
+        )
+        print(md_table(header, rows))
+        sums, deltas = [], []
+        for entry in removal["targets"].values():
+            for by_k in entry["removed"].values():
+                for res in by_k.values():
+                    sums.append(res["trak_score_sum"])
+                    deltas.append(res["delta"])
+        corr = float(np.corrcoef(sums, deltas)[0, 1])
+        t = removal["timings"]
+        removal_md = (
+            f"\n\n#### Removal: retrained without k training pairs\n\n"
+            f"{len(targets)} validation pairs drawn at random (seed 0); per target and k, one model "
+            f"(seed of the demo's member 0) trained without the target's top-k positive TRAK "
+            f"influencers, without the top-k by CLIP pair similarity, and without k random pairs; "
+            f"change = the target's margin minus that of a model trained on every pair with the "
+            f"same seed. Intervals: bootstrap over targets. {t['models_trained']} models trained in "
+            f"this call ({t['training_seconds']:.0f} s), {t['models_reused']} cached; "
+            f"{removal_seconds:.0f} s. Pearson correlation over all removals between the removed "
+            f"pairs' summed TRAK score and the actual change: {corr:+.3f} (a drop is negative).\n\n"
+            + md_table(header, rows)
+        )
+
+    # 4. BENCHMARKS.md
+    note = (
+        f"Default demo (`trakview demo`: {manifest['counts']['n_train']} train / "
+        f"{manifest['counts']['n_val']} val pairs, {n_default} x {dcfg.model}, {dcfg.epochs} "
+        f"epochs, proj_dim {proj_default}). `trakview eval lds` defaults: {args.subsets} random "
+        f"halves of the training set x {args.models_per_subset} model (the demo's trainer), the "
+        f"CLIP margin of all {manifest['counts']['n_val']} validation pairs; every method is "
+        f"scored against the same models and the same {args.bootstrap} bootstrap resamples "
+        f"(subsets and validation pairs), so 'TRAK minus method' is a paired interval. "
+        f"{machine()}. `python bench/bench_eval.py --fresh`"
+    )
+    if timed.is_file():
+        t = store.read_json(timed)
+        wall = (
+            f"Wall time of the LDS evaluation from scratch ({t['models']} models trained, "
+            f"{t['date']}): **{t['seconds']:.0f} s** (training "
+            f"{t['timings']['training_seconds']:.0f} s, {lcfg.workers or os.cpu_count()} "
+            f"workers of one thread); target < 1800 s. Load average (1/5/15 min) "
+            f"{'/'.join(f'{v:.1f}' for v in t['load_before'])} before, "
+            f"{'/'.join(f'{v:.1f}' for v in t['load_after'])} after: other jobs shared the 2 "
+            f"cores. Stock traker scores: {costs.get('stock', 'not run')}."
+        )
+    else:
+        wall = "The LDS evaluation was not timed from scratch here (run with --fresh)."
+    body = f"### Counterfactual evaluation: LDS and removal\n\n{note}\n\n{wall}\n\n" + md_table(
+        ("method", "LDS", "95% interval", "TRAK minus method [95%]"), main_rows
+    )
+    if sweep_rows:
+        body += (
+            "\n\n#### LDS of trakview TRAK against M, proj_dim and lambda\n\n"
+            f"M: the first M checkpoints of an 8-member ensemble (members 4-7 trained with the "
+            f"demo's trainer, seeds 4-7), proj_dim {proj_default}. proj_dim: the demo's "
+            f"{n_default} checkpoints. lambda_rel: the demo run's store re-finalized (default "
+            f"1e-3). Same subset models and resamples as above; the last column is the default "
+            "minus the variant.\n\n"
+            + md_table(
+                ("variant", "LDS", "95% interval", "default minus variant [95%]"), sweep_rows
+            )
+        )
+    if at_max_m:
+        body += (
+            f"\n\n#### Every method with the {max(ms)}-checkpoint ensemble\n\n"
+            f"The same subset models and resamples; TRAK, the gradient dot product and the CLIP "
+            f"embeddings of the {max(ms)} checkpoints of the M sweep.\n\n"
+            + md_table(("method", "LDS", "95% interval", "TRAK minus method [95%]"), at_max_m)
+        )
+    body += removal_md
+    if not args.quick:
+        write_section("bench_eval", body)
+    print(
+        f"demo {demo_seconds:.0f} s; evaluation {eval_seconds:.0f} s; load {load_before} -> {load_after}"
+    )
+
+
+if __name__ == "__main__":
+    main()
