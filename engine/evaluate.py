@@ -294,10 +294,17 @@ def evaluate_lds(
             keep_models=cfg.keep_models,
             desc="training subset models",
         )
-    outputs = np.stack(
-        [retrain.load_outputs(folder / "outputs", row).mean(axis=0) for row in keys]
-    )  # (N, n_val)
+    per_model = np.stack([retrain.load_outputs(folder / "outputs", row) for row in keys])
+    outputs = per_model.mean(axis=1)  # (N, n_val): (N, R, n_val) averaged over each subset's models
     store.save_npy(folder / "outputs.npy", outputs.astype(np.float32))
+    # How much the seed noise caps every method's LDS: the rank agreement, over subsets, of two
+    # models per subset. A method predicting the expected output perfectly reaches only about the
+    # square root of this per model (of R r / (1 + (R - 1) r) for the mean of R models).
+    reliability = (
+        float(np.nanmean(evalstats.spearman_columns(per_model[:, 0], per_model[:, 1])))
+        if cfg.models_per_subset >= 2
+        else None
+    )
 
     t_score = time.perf_counter()
     predictions = {k: evalstats.subset_predictions(v, masks) for k, v in scores.items()}
@@ -312,6 +319,7 @@ def evaluate_lds(
         "train_source": train_source,
         "model_output": identity["model_output"],
         "counts": {"subsets": len(masks), "models": len(jobs), "n_val": outputs.shape[1]},
+        "split_half_reliability": reliability,
         "methods": methods,
         "timings": {
             "models_trained": work["trained"],

@@ -236,10 +236,20 @@ def test_cli_lds_and_remove(run_copy):
     runner = CliRunner()
     lds = runner.invoke(
         app,
-        ["eval", "lds", str(run_copy), "--subsets", "3", "--bootstrap", "50", "--workers", "1"]
-        + ["--methods", "trak,random", *TRAIN_FLAGS],
+        ["eval", "lds", str(run_copy), "--subsets", "3", "--models-per-subset", "2"]
+        + ["--bootstrap", "50", "--workers", "1", "--methods", "trak,random", *TRAIN_FLAGS],
     )
     assert lds.exit_code == 0, lds.output
+    result = evaluate.read_lds(run_copy)
+    per_model = [
+        [store.load_npy(run_copy / f"eval/lds/outputs/s{s:05d}-r{r:02d}.npy") for s in range(3)]
+        for r in range(2)
+    ]
+    np.testing.assert_allclose(
+        store.load_npy(run_copy / "eval/lds/outputs.npy"), np.mean(per_model, axis=0), rtol=1e-6
+    )
+    agreement = evalstats.spearman_columns(np.array(per_model[0]), np.array(per_model[1]))
+    assert result["split_half_reliability"] == pytest.approx(float(np.nanmean(agreement)))
     assert "retraining with trakview-tiny: 4 epochs" in lds.output
     assert "trak " in lds.output and "random" in lds.output and "eval/lds.json" in lds.output
     val = store.read_jsonl(run_copy / "val.jsonl")
