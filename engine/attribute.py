@@ -11,6 +11,7 @@ unit that had not finished.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import math
 import os
@@ -32,7 +33,7 @@ DEFAULT_SHARD_SIZE = 20_000  # pairs per unit; traker's score computer works in 
 PROJECTORS = {
     "gaussian": "dense Gaussian JL matrix, float32 (traker's CudaProjector on CUDA with fast_jl)",
     "gaussian-bf16": "the same matrix, multiplied in bfloat16 (about 2x faster on CPUs with BF16)",
-    "sketch": "count sketch to 4 x proj_dim buckets, then a Gaussian: O(D) per pair (CPU default)",
+    "sketch": "count sketch to 4 x proj_dim buckets, then a Gaussian: O(D) per pair (default)",
 }
 
 
@@ -85,7 +86,10 @@ def resolve(cfg: BuildConfig, n_train: int, check_device: bool = True) -> BuildC
     topk = min(cfg.topk, n_train)
     projector = cfg.projector
     if projector == "auto":
-        projector = "sketch" if cfg.device == "cpu" else "gaussian"
+        # The dense Gaussian only pays off on CUDA with fast_jl: without it, a ViT-B/32's matrix
+        # (hundreds of GiB) is regenerated every batch (measured on an H100, BENCHMARKS.md).
+        fast_jl = importlib.util.find_spec("fast_jl") is not None
+        projector = "gaussian" if cfg.device != "cpu" and fast_jl else "sketch"
     if projector not in PROJECTORS:
         raise ValueError(
             f"--projector must be one of {', '.join(PROJECTORS)} or auto, got {projector!r}"

@@ -353,7 +353,7 @@ def build(
         str,
         typer.Option(
             help="JL projection of the gradients: gaussian, gaussian-bf16 or sketch (count sketch "
-            "then Gaussian, O(D) per pair); auto = sketch on CPU, gaussian on CUDA."
+            "then Gaussian, O(D) per pair); auto = gaussian on CUDA with fast_jl, else sketch."
         ),
     ] = "auto",
     overwrite: Annotated[
