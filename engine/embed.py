@@ -71,7 +71,15 @@ def _logsumexp(x: np.ndarray) -> np.ndarray:
     return (top + np.log(np.exp(x - top).sum(axis=1, keepdims=True)))[:, 0]
 
 
-def caption_ranks(image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
-    """Per pair, the rank (1 = best) of its own caption among all captions of the split."""
-    sim = image_emb @ text_emb.T  # (n, n)
-    return (1 + (sim > np.diag(sim)[:, None]).sum(axis=1)).astype(np.int32)
+def caption_ranks(image_emb: np.ndarray, text_emb: np.ndarray, block: int = 2048) -> np.ndarray:
+    """Per pair, the rank (1 = best) of its own caption among all captions of the split.
+
+    Computed in blocks of ``block`` rows: memory is (block, n), never (n, n).
+    """
+    n = image_emb.shape[0]
+    ranks = np.empty(n, dtype=np.int32)
+    for s in range(0, n, block):
+        sim = np.asarray(image_emb[s : s + block]) @ np.asarray(text_emb).T  # (b, n)
+        diag = sim[np.arange(sim.shape[0]), np.arange(s, s + sim.shape[0])]
+        ranks[s : s + block] = 1 + (sim > diag[:, None]).sum(axis=1)
+    return ranks

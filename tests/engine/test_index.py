@@ -273,3 +273,13 @@ def test_gpu_index_gives_the_cpu_results(built):
     assert "Gpu" in type(index.load_index(run, "trak", device="cuda")).__name__
     np.testing.assert_array_equal(cpu[1], gpu[1])
     np.testing.assert_allclose(cpu[0], gpu[0], rtol=1e-4, atol=1e-6)
+
+
+def test_caption_ranks_in_blocks_equal_the_full_matrix():
+    from engine.embed import caption_ranks
+
+    rng = np.random.default_rng(0)
+    img, txt = rng.normal(size=(2, 1500, 16)).astype(np.float32)
+    sim = img @ txt.T
+    expected = 1 + (sim > np.diag(sim)[:, None]).sum(axis=1)
+    assert np.array_equal(caption_ranks(img, txt, block=333), expected)
