@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -159,12 +160,162 @@ def fmt_lds(m: dict) -> tuple[str, str, str]:
     )
 
 
+def load_text(load: list[float] | None) -> str:
+    return "/".join(f"{v:.1f}" for v in load) if load else "not recorded"
+
+
+def timed(path: Path, timings: dict, seconds: float, load_before, load_after) -> dict | None:
+    """Records a call that trained every model (a from-scratch timing); returns the last one."""
+    models = timings["models_trained"] + timings["models_reused"]
+    if timings["models_trained"] == models:
+        store.write_json(
+            path,
+            {
+                "seconds": seconds,
+                "load_before": load_before,
+                "load_after": load_after,
+                "timings": timings,
+                "models": models,
+                "date": time.strftime("%Y-%m-%d %H:%M"),
+            },
+        )
+    return store.read_json(path) if path.is_file() else None
+
+
+def reliability(run: Path, lcfg: evaluate.LdsConfig, tcfg: train.TrainConfig, n: int) -> float:
+    """Split-half reliability of one model's outputs: a second model for the first n subsets
+    (cached like the rest), then the default evaluation again (cached) to restore lds.json."""
+    twice = replace(lcfg, subsets=n, models_per_subset=2, methods=["trak"])
+    value = evaluate.evaluate_lds(run, twice, tcfg, train_source="the demo's trainer")
+    evaluate.evaluate_lds(run, lcfg, tcfg, train_source="the demo's trainer")
+    return value["split_half_reliability"]
+
+
+LABELS = {
+    "trak": "trakview TRAK",
+    "stock": "traker 0.3.2 stock pipeline",
+    "grad-dot": "gradient dot product (TracIn-style, final checkpoints)",
+    "clip-image": "CLIP image similarity",
+    "clip-text": "CLIP caption similarity",
+    "clip-pair": "CLIP pair similarity (mean of both)",
+    "random": "random",
+}
+REMOVED = {"trak": "top-k TRAK", "clip-pair": "top-k CLIP pair similarity", "random": "k random"}
+
+
+def verdicts(result: dict, name: str) -> list[str]:
+    """Per baseline: is TRAK above it by more than the intervals (paired, and not overlapping)?"""
+    trak = result["trak"]
+    out = []
+    for k, m in result.items():
+        if k == "trak" or k not in LABELS:
+            continue
+        diff = m["reference_minus_this"]
+        paired = diff["ci"][0] > 0
+        apart = trak["ci"][0] > m["ci"][1]
+        out.append(
+            f"{name}: TRAK {trak['lds']:+.3f} vs {LABELS[k]} {m['lds']:+.3f}: difference "
+            f"{diff['mean']:+.3f} [{diff['ci'][0]:+.3f}, {diff['ci'][1]:+.3f}] "
+            + ("(paired interval above 0" if paired else "(paired interval includes 0")
+            + ("; the two intervals do not overlap)" if apart else "; the intervals overlap)")
+        )
+    return out
+
+
+def removal_section(run: Path, args, tcfg: train.TrainConfig, work: Path) -> tuple[str, list[str]]:
+    """The removal experiment (cached, timed when it trains everything) as markdown."""
+    val_ids = [str(r["id"]) for r in store.read_jsonl(store.pairs_path(run, "val"))]
+    targets = evaluate.sample_targets(val_ids, args.targets, seed=0)
+    rcfg = evaluate.RemoveConfig(
+        targets=targets,
+        ks=[int(k) for k in args.ks.split(",")],
+        workers=args.workers,
+        bootstrap=args.bootstrap,
+    )
+    before = os.getloadavg()
+    t0 = time.perf_counter()
+    removal = evaluate.evaluate_removal(run, rcfg, tcfg, train_source="the demo's trainer")
+    seconds = time.perf_counter() - t0
+    t = timed(
+        work / f"removal-timing-{args.targets}.json",
+        removal["timings"],
+        seconds,
+        before,
+        os.getloadavg(),
+    )
+    trak_change = {r["k"]: r["mean_delta"] for r in removal["summary"] if r["method"] == "trak"}
+    rows, lines = [], []
+    for r in removal["summary"]:
+        diff = r.get("this_minus_trak")
+        rows.append(
+            (
+                r["k"],
+                REMOVED.get(r["method"], r["method"]),
+                r["targets"],
+                f"{r['mean_delta']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}]",
+                f"{r['median_delta']:+.3f}",
+                f"{r['share_dropped']:.0%}",
+                f"{diff['mean']:+.3f} [{diff['ci'][0]:+.3f}, {diff['ci'][1]:+.3f}]" if diff else "",
+            )
+        )
+        if diff:
+            lines.append(
+                f"Removal, k = {r['k']}: the target's margin changes by {r['mean_delta']:+.3f} "
+                f"without {REMOVED.get(r['method'], r['method'])} and by {trak_change[r['k']]:+.3f}"
+                f" without the top-k TRAK influencers, {diff['mean']:.3f} lower "
+                f"[{diff['ci'][0]:+.3f}, {diff['ci'][1]:+.3f}]"
+                + (" (interval above 0)" if diff["ci"][0] > 0 else " (interval includes 0)")
+            )
+    header = (
+        "k",
+        "removed",
+        "targets",
+        "mean change of the target's margin [95%]",
+        "median",
+        "margin dropped",
+        "change minus TRAK's change [95%]",
+    )
+    print(md_table(header, rows))
+    sums, deltas = [], []
+    for entry in removal["targets"].values():
+        for by_k in entry["removed"].values():
+            for res in by_k.values():
+                sums.append(res["trak_score_sum"])
+                deltas.append(res["delta"])
+    corr = float(np.corrcoef(sums, deltas)[0, 1])
+    cost = "not timed from scratch"
+    if t:
+        load = (
+            f"load average {load_text(t['load_before'])} before, {load_text(t['load_after'])} after"
+            if t["load_before"]
+            else t.get("note", "load average not recorded")
+        )
+        cost = (
+            f"{t['models']} models trained from scratch in **{t['seconds']:.0f} s** ({t['date']}, "
+            f"{args.workers or os.cpu_count()} workers of one thread; {load})"
+        )
+    md = (
+        "\n\n#### Removal: retrained without k training pairs\n\n"
+        f"{len(targets)} validation pairs drawn at random (seed 0). Per target and k, one model "
+        "(the seed of the demo's member 0, the demo's trainer) trained without the target's top-k "
+        "positive TRAK influencers, one without its top-k by CLIP pair similarity and one without "
+        "k random pairs; change = the target's margin minus that of a model trained on every pair "
+        "with the same seed (negative: the removed pairs helped). Intervals: bootstrap over "
+        f"targets. Cost: {cost}; each model trains on ~3000 pairs (about twice a subset model). "
+        "Correlation, over all removals, between the removed pairs' summed TRAK score for the "
+        f"target and the actual change: {corr:+.3f} (TRAK predicts a larger drop for a larger "
+        "sum: the expected sign is negative).\n\n" + md_table(header, rows)
+    )
+    return md, lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo", type=Path, default=Path("/tmp/trakview-bench/demo"))
     parser.add_argument("--work", type=Path, default=None, help="default: DEMO/bench-eval")
     parser.add_argument("--subsets", type=int, default=evaluate.LdsConfig.subsets)
     parser.add_argument("--models-per-subset", type=int, default=1)
+    parser.add_argument("--reliability-subsets", type=int, default=16)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--targets", type=int, default=20)
     parser.add_argument("--ks", default="10,50")
@@ -188,70 +339,55 @@ def main() -> None:
             if args.demo == parser.get_default("demo")
             else args.demo
         )
-        args.subsets, args.targets, args.ks = 8, 3, "5,20"
+        args.subsets, args.targets, args.ks, args.reliability_subsets = 8, 3, "5,20", 4
         args.ms, args.proj_dims, args.bootstrap = "1,2,4", "64,128", 200
     work = args.work or args.demo / "bench-eval"
     work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
 
-    t0 = time.perf_counter()
     run = demo.run_demo(dcfg, args.demo)
-    demo_seconds = time.perf_counter() - t0
     manifest = runs.read_manifest(run)
     proj_default, n_default = manifest["counts"]["proj_dim"], manifest["counts"]["n_checkpoints"]
     tcfg = train.TrainConfig(model=dcfg.model, epochs=dcfg.epochs, lr=dcfg.lr, seed=dcfg.seed)
 
-    # 1. the default evaluation, timed
+    # 1. the default evaluation, timed (the last from-scratch timing is kept in WORK)
     if args.fresh:
         shutil.rmtree(evaluate.eval_dir(run) / "lds", ignore_errors=True)
-    load_before = os.getloadavg()
     lcfg = evaluate.LdsConfig(
         subsets=args.subsets,
         models_per_subset=args.models_per_subset,
         workers=args.workers,
         bootstrap=args.bootstrap,
     )
+    before = os.getloadavg()
     t0 = time.perf_counter()
     lds = evaluate.evaluate_lds(run, lcfg, tcfg, train_source="the demo's trainer")
-    eval_seconds = time.perf_counter() - t0
-    load_after = os.getloadavg()
+    seconds = time.perf_counter() - t0
+    lds_time = timed(
+        work / f"lds-timing-{args.subsets}x{args.models_per_subset}.json",
+        lds["timings"],
+        seconds,
+        before,
+        os.getloadavg(),
+    )
+    print(f"LDS evaluation: {seconds:.0f} s, {lds['timings']}", flush=True)
+    rel = (
+        reliability(run, lcfg, tcfg, args.reliability_subsets) if args.reliability_subsets else None
+    )
     masks, outputs = evaluate.load_lds_cache(run, args.subsets)
-    print(f"LDS evaluation: {eval_seconds:.0f} s, {lds['timings']}", flush=True)
-    # the wall time reported is the last evaluation timed from scratch (a later call is cached)
-    timed = work / f"lds-timing-{args.subsets}x{args.models_per_subset}.json"
-    if lds["timings"]["models_trained"] == lds["counts"]["models"]:
-        store.write_json(
-            timed,
-            {
-                "seconds": eval_seconds,
-                "load_before": load_before,
-                "load_after": load_after,
-                "timings": lds["timings"],
-                "models": lds["counts"]["models"],
-                "date": time.strftime("%Y-%m-%d %H:%M"),
-            },
-        )
 
     # 2. every score matrix, scored against the same subset models with paired resamples
     scores = evaluate.method_scores(run, list(evaluate.METHODS))
-    labels = {
-        "trak": f"trakview TRAK (M={n_default}, proj_dim {proj_default})",
-        "stock": f"traker 0.3.2 stock pipeline (M={n_default}, proj_dim {proj_default})",
-        "grad-dot": "gradient dot product (TracIn-style, final checkpoints)",
-        "clip-image": "CLIP image similarity",
-        "clip-text": "CLIP caption similarity",
-        "clip-pair": "CLIP pair similarity (mean of both)",
-        "random": "random",
-    }
     costs: dict[str, str] = {}
+    at_max_m: list[tuple] = []
     if not args.skip_variants:
         path = work / f"stock-M{n_default}.npy"
         if not path.is_file():
             shutil.rmtree(work / "stock-store", ignore_errors=True)
-            stock, seconds = stock_scores(run, work / "stock-store")
+            stock, stock_seconds = stock_scores(run, work / "stock-store")
             store.save_npy(path, stock)
-            store.write_json(work / "stock-seconds.json", {"seconds": seconds})
+            store.write_json(work / "stock-seconds.json", {"seconds": stock_seconds})
         scores["stock"] = store.load_npy(path)
         costs["stock"] = f"{store.read_json(work / 'stock-seconds.json')['seconds']:.0f} s"
         ms = [int(m) for m in args.ms.split(",")]
@@ -263,101 +399,41 @@ def main() -> None:
             if k == proj_default:
                 scores[f"proj_dim={k}"] = scores["trak"]
                 continue
-            ckpt4 = ckpts[:n_default]
-            out, seconds = variant_run(args.demo, work / f"run-p{k}", ckpt4, dcfg.seed, proj_dim=k)
+            out, _ = variant_run(
+                args.demo, work / f"run-p{k}", ckpts[:n_default], dcfg.seed, proj_dim=k
+            )
             scores[f"proj_dim={k}"] = store.load_npy(store.scores_path(out))
         for lam in [float(v) for v in args.lambdas.split(",")]:
             scores[f"lambda_rel={lam:g}"] = lambda_scores(run, n_default, lam)
     preds = {k: evalstats.subset_predictions(v, masks) for k, v in scores.items()}
     result = evalstats.bootstrap_lds(preds, outputs, args.bootstrap, seed=0)
-    at_max_m: list[tuple] = []
+    lines = verdicts(result, f"M={n_default}")
     if not args.skip_variants:  # every method again with the larger ensemble's checkpoints
         big = evaluate.method_scores(run_m, list(evaluate.METHODS))
         preds_big = {k: evalstats.subset_predictions(v, masks) for k, v in big.items()}
         res_big = evalstats.bootstrap_lds(preds_big, outputs, args.bootstrap, seed=0)
-        at_max_m = [
-            (k, *fmt_lds(res_big[k])) for k in sorted(res_big, key=lambda k: -res_big[k]["lds"])
-        ]
-        print(
-            md_table((f"method, M={max(ms)}", "LDS", "95% interval", "TRAK minus method"), at_max_m)
-        )
+        order = sorted(res_big, key=lambda k: -res_big[k]["lds"])
+        at_max_m = [(f"{LABELS[k]} (M={max(ms)})", *fmt_lds(res_big[k])) for k in order]
+        lines += verdicts(res_big, f"M={max(ms)}")
 
     main_rows = [
-        (labels[k], *fmt_lds(result[k]))
-        for k in sorted((k for k in labels if k in result), key=lambda k: -result[k]["lds"])
+        (
+            LABELS[k]
+            + (f" (M={n_default}, proj_dim {proj_default})" if k in ("trak", "stock") else ""),
+            *fmt_lds(result[k]),
+        )
+        for k in sorted((k for k in LABELS if k in result), key=lambda k: -result[k]["lds"])
     ]
     print(md_table(("method", "LDS", "95% interval", "TRAK minus method"), main_rows))
     sweep_rows = [
         (k, *fmt_lds(result[k])) for k in result if k.startswith(("M=", "proj_dim=", "lambda_rel="))
     ]
-    if sweep_rows:
-        print(
-            md_table(
-                ("variant of trakview TRAK", "LDS", "95% interval", "default minus variant"),
-                sweep_rows,
-            )
-        )
 
     # 3. removal
     removal_md = ""
     if not args.skip_removal:
-        val_ids = [str(r["id"]) for r in store.read_jsonl(store.pairs_path(run, "val"))]
-        targets = evaluate.sample_targets(val_ids, args.targets, seed=0)
-        rcfg = evaluate.RemoveConfig(
-            targets=targets,
-            ks=[int(k) for k in args.ks.split(",")],
-            workers=args.workers,
-            bootstrap=args.bootstrap,
-        )
-        t0 = time.perf_counter()
-        removal = evaluate.evaluate_removal(run, rcfg, tcfg, train_source="the demo's trainer")
-        removal_seconds = time.perf_counter() - t0
-        rows = []
-        for r in removal["summary"]:
-            diff = r.get("this_minus_trak")
-            rows.append(
-                (
-                    r["k"],
-                    r["method"],
-                    r["targets"],
-                    f"{r['mean_delta']:+.4f} [{r['ci'][0]:+.4f}, {r['ci'][1]:+.4f}]",
-                    f"{r['median_delta']:+.4f}",
-                    f"{r['share_dropped']:.0%}",
-                    f"{diff['mean']:+.4f} [{diff['ci'][0]:+.4f}, {diff['ci'][1]:+.4f}]"
-                    if diff
-                    else "",
-                )
-            )
-        header = (
-            "k",
-            "removed",
-            "targets",
-            "mean change of the target's margin [95%]",
-            "median",
-            "margin dropped",
-            "change minus TRAK's [95%]",
-        )
-        print(md_table(header, rows))
-        sums, deltas = [], []
-        for entry in removal["targets"].values():
-            for by_k in entry["removed"].values():
-                for res in by_k.values():
-                    sums.append(res["trak_score_sum"])
-                    deltas.append(res["delta"])
-        corr = float(np.corrcoef(sums, deltas)[0, 1])
-        t = removal["timings"]
-        removal_md = (
-            f"\n\n#### Removal: retrained without k training pairs\n\n"
-            f"{len(targets)} validation pairs drawn at random (seed 0); per target and k, one model "
-            f"(seed of the demo's member 0) trained without the target's top-k positive TRAK "
-            f"influencers, without the top-k by CLIP pair similarity, and without k random pairs; "
-            f"change = the target's margin minus that of a model trained on every pair with the "
-            f"same seed. Intervals: bootstrap over targets. {t['models_trained']} models trained in "
-            f"this call ({t['training_seconds']:.0f} s), {t['models_reused']} cached; "
-            f"{removal_seconds:.0f} s. Pearson correlation over all removals between the removed "
-            f"pairs' summed TRAK score and the actual change: {corr:+.3f} (a drop is negative).\n\n"
-            + md_table(header, rows)
-        )
+        removal_md, removal_lines = removal_section(run, args, tcfg, work)
+        lines += removal_lines
 
     # 4. BENCHMARKS.md
     note = (
@@ -370,29 +446,39 @@ def main() -> None:
         f"(subsets and validation pairs), so 'TRAK minus method' is a paired interval. "
         f"{machine()}. `python bench/bench_eval.py --fresh`"
     )
-    if timed.is_file():
-        t = store.read_json(timed)
+    if lds_time:
         wall = (
-            f"Wall time of the LDS evaluation from scratch ({t['models']} models trained, "
-            f"{t['date']}): **{t['seconds']:.0f} s** (training "
-            f"{t['timings']['training_seconds']:.0f} s, {lcfg.workers or os.cpu_count()} "
+            f"Wall time of the LDS evaluation from scratch ({lds_time['models']} models trained, "
+            f"{lds_time['date']}): **{lds_time['seconds']:.0f} s** (training "
+            f"{lds_time['timings']['training_seconds']:.0f} s, {lcfg.workers or os.cpu_count()} "
             f"workers of one thread); target < 1800 s. Load average (1/5/15 min) "
-            f"{'/'.join(f'{v:.1f}' for v in t['load_before'])} before, "
-            f"{'/'.join(f'{v:.1f}' for v in t['load_after'])} after: other jobs shared the 2 "
-            f"cores. Stock traker scores: {costs.get('stock', 'not run')}."
+            f"{load_text(lds_time['load_before'])} before, {load_text(lds_time['load_after'])} "
+            f"after: other jobs shared the 2 cores. Stock traker scores: "
+            f"{costs.get('stock', 'not run')}."
         )
     else:
         wall = "The LDS evaluation was not timed from scratch here (run with --fresh)."
+    if rel is not None:
+        wall += (
+            f"\n\nWhy the values are small: two models trained on the same subset with different "
+            f"seeds agree on the ranking of the subsets with a Spearman correlation of only "
+            f"{rel:.2f} (mean over validation pairs; the first {args.reliability_subsets} "
+            f"subsets, a second model each). The seed noise of one model caps the LDS that even "
+            f"a perfect predictor of the expected margin could reach at about "
+            f"sqrt({rel:.2f}) = {rel**0.5:.2f}; more models per subset "
+            "(`--models-per-subset`) raise every method's LDS, more subsets narrow the intervals."
+        )
     body = f"### Counterfactual evaluation: LDS and removal\n\n{note}\n\n{wall}\n\n" + md_table(
         ("method", "LDS", "95% interval", "TRAK minus method [95%]"), main_rows
     )
     if sweep_rows:
         body += (
             "\n\n#### LDS of trakview TRAK against M, proj_dim and lambda\n\n"
-            f"M: the first M checkpoints of an 8-member ensemble (members 4-7 trained with the "
-            f"demo's trainer, seeds 4-7), proj_dim {proj_default}. proj_dim: the demo's "
+            f"M: the first M checkpoints of an {max(ms)}-member ensemble (the demo's members and "
+            f"members {n_default}-{max(ms) - 1} trained with the demo's trainer, seeds "
+            f"{n_default}-{max(ms) - 1}), proj_dim {proj_default}. proj_dim: the demo's "
             f"{n_default} checkpoints. lambda_rel: the demo run's store re-finalized (default "
-            f"1e-3). Same subset models and resamples as above; the last column is the default "
+            "1e-3). Same subset models and resamples as above; the last column is the default "
             "minus the variant.\n\n"
             + md_table(
                 ("variant", "LDS", "95% interval", "default minus variant [95%]"), sweep_rows
@@ -406,11 +492,12 @@ def main() -> None:
             + md_table(("method", "LDS", "95% interval", "TRAK minus method [95%]"), at_max_m)
         )
     body += removal_md
+    body += "\n\nWhat these figures say (generated from them):\n\n" + "\n".join(
+        f"- {line}" for line in lines
+    )
+    print("\n".join(lines))
     if not args.quick:
         write_section("bench_eval", body)
-    print(
-        f"demo {demo_seconds:.0f} s; evaluation {eval_seconds:.0f} s; load {load_before} -> {load_after}"
-    )
 
 
 if __name__ == "__main__":
