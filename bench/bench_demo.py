@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from bench_common import machine, write_section
-from engine import groundtruth, store
+from engine import demo, groundtruth, store, train
 
 PHASES = {
     "world + ensemble training": (
@@ -119,14 +119,17 @@ def main() -> None:
         )
     )
     header = ("phase", "median s", "range s", "peak RSS MiB")
+    cfg = demo.DemoConfig()
+    epochs = ", ".join(str(e) for e in train.snapshot_epochs(cfg.epochs, cfg.snapshots))
     table = md_table(header, rows)
     print(table)
     write_section(
         "bench_demo",
         (
             "### The default demo, end to end\n\n"
-            f"`trakview demo` defaults: 3000 train / 300 val pairs, 4 x trakview-tiny, 15 epochs, "
-            f"proj_dim 512. Median of {args.repeats} runs; each phase in its own process. "
+            f"`trakview demo` defaults: {cfg.n_train} train / {cfg.n_val} val pairs, "
+            f"{cfg.members} x {cfg.model}, {cfg.epochs} epochs, {cfg.snapshots} checkpoints of "
+            f"each attributed (epochs {epochs}), proj_dim 512. Median of {args.repeats} runs; each phase in its own process. "
             f"{machine()}. `python bench/bench_demo.py`. Targets: ensemble < 120 s, whole demo "
             f"< 300 s.\n\n{table}\n"
         ),

@@ -47,18 +47,32 @@ def demo(
     ] = False,
     n_train: Annotated[int, typer.Option(help="Training pairs of the generated world.")] = 3000,
     n_val: Annotated[int, typer.Option(help="Validation pairs of the generated world.")] = 300,
-    members: Annotated[int, typer.Option(help="CLIP checkpoints to train (ensemble size).")] = 4,
-    epochs: Annotated[int, typer.Option(help="Epochs per checkpoint (0 = demo default: 15).")] = 0,
+    members: Annotated[int, typer.Option(help="CLIP models to train (own seed each).")] = 4,
+    epochs: Annotated[int, typer.Option(help="Epochs per model (0 = demo default: 15).")] = 0,
+    snapshots: Annotated[
+        int,
+        typer.Option(
+            help="Checkpoints attributed per model: its last epoch and evenly spaced earlier "
+            "ones (3 with 15 epochs: 5, 10, 15; more LDS for a longer build, see BENCHMARKS.md)."
+        ),
+    ] = 1,
     seed: Annotated[int, typer.Option(help="Seed of the world, training and attribution.")] = 0,
     verbose: Verbose = False,
 ) -> None:
     """Generate the demo world, train a tiny CLIP ensemble on it and build its attribution run."""
     from engine import demo as demo_mod
+    from engine import train as train_mod
 
     _setup_logging(verbose)
-    cfg = demo_mod.DemoConfig(n_train=n_train, n_val=n_val, members=members, seed=seed)
+    cfg = demo_mod.DemoConfig(
+        n_train=n_train, n_val=n_val, members=members, seed=seed, snapshots=snapshots
+    )
     if epochs:
         cfg.epochs = epochs
+    try:
+        train_mod.snapshot_epochs(cfg.epochs, cfg.snapshots)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--snapshots") from err
     run = demo_mod.run_demo(cfg, out)
     typer.echo(f"demo run ready: {run}")
     typer.echo(f"inspect it with: trakview info {run}")
@@ -207,6 +221,21 @@ def open_clip_quick_gelu(model: str, tag: str) -> bool:
     return bool(open_clip.get_pretrained_cfg(model, tag).get("quick_gelu"))
 
 
+def _epoch_list(text: str, epochs: int) -> list[int]:
+    try:
+        values = sorted({int(v) for v in text.replace(" ", "").split(",") if v})
+    except ValueError as err:
+        raise typer.BadParameter(
+            f"expected epochs like 5,10: {err}", param_hint="--save-epochs"
+        ) from err
+    bad = [v for v in values if not 1 <= v <= epochs]
+    if bad:
+        raise typer.BadParameter(
+            f"{bad} outside 1..{epochs} (--epochs {epochs})", param_hint="--save-epochs"
+        )
+    return values
+
+
 @app.command()
 def train(
     ctx: typer.Context,
@@ -220,6 +249,13 @@ def train(
     batch_size: Annotated[int, typer.Option(help="Pairs per contrastive batch.")] = 128,
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 3e-3,
     seed: Annotated[int, typer.Option(help="Member K is trained with seed + K.")] = 0,
+    save_epochs: Annotated[
+        str,
+        typer.Option(
+            help="Earlier epochs to keep as epoch_N.pt besides the last, e.g. 5,10 (build them "
+            "all with --checkpoints-dir OUT --epochs all)."
+        ),
+    ] = "",
     init: Annotated[
         str | None,
         typer.Option(
@@ -243,6 +279,7 @@ def train(
     from engine import train as train_mod
 
     _setup_logging(verbose)
+    kept = _epoch_list(save_epochs, epochs)
     options = sources.SourceOptions(
         data_format, img_key, caption_key, id_key, csv_separator, coco_captions
     )
@@ -272,12 +309,15 @@ def train(
         lr=lr,
         seed=seed,
         init=init_path,
+        save_epochs=kept,
     )
     bundle = models.create(model, pretrained=tag)
     images = data.image_tensors(pairs, bundle.preprocess, workers=workers)
     tokens = data.tokenize(bundle.tokenizer, pairs.captions)
-    for path in train_mod.train_ensemble(images, tokens, cfg, out, device=device):
-        typer.echo(str(path))
+    train_mod.train_ensemble(images, tokens, cfg, out, device=device)
+    for member in range(cfg.members):
+        for path in train_mod.member_checkpoints(out, member, cfg):
+            typer.echo(str(path))
     runconfig.write_toml(
         Path(out) / "train.toml",
         runconfig.settings_of(ctx),

@@ -27,8 +27,9 @@ class DemoConfig:
 
     n_train: int = 3000  # training pairs of the world
     n_val: int = 300  # validation pairs of the world
-    members: int = 4  # checkpoints in the ensemble
-    epochs: int = 15  # epochs per checkpoint
+    members: int = 4  # independently trained CLIP models
+    epochs: int = 15  # epochs per model
+    snapshots: int = 1  # checkpoints attributed per model: its last epoch and evenly spaced ones
     lr: float = 3e-3  # peak learning rate
     model: str = "trakview-tiny"  # architecture
     seed: int = 0  # world, training and attribution seed
@@ -48,18 +49,30 @@ def make_world(cfg: DemoConfig, folder: Path) -> tuple[data.PairSet, data.PairSe
     return data.read_pairs(train_jsonl), data.read_pairs(val_jsonl)
 
 
-def train_models(cfg: DemoConfig, train_pairs: data.PairSet, folder: Path) -> list[Path]:
-    """Trains the demo ensemble into ``folder`` (finished members are skipped)."""
-    tcfg = train.TrainConfig(
-        model=cfg.model, members=cfg.members, epochs=cfg.epochs, lr=cfg.lr, seed=cfg.seed
+def train_config(cfg: DemoConfig) -> train.TrainConfig:
+    """The demo's trainer: ``members`` models, each keeping ``snapshots`` checkpoints."""
+    epochs = train.snapshot_epochs(cfg.epochs, cfg.snapshots)
+    return train.TrainConfig(
+        model=cfg.model,
+        members=cfg.members,
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        seed=cfg.seed,
+        save_epochs=[e for e in epochs if e != cfg.epochs],
     )
-    finals = [train.final_checkpoint(folder, m, cfg.epochs) for m in range(cfg.members)]
-    if all(p.is_file() for p in finals):
-        return finals
-    bundle = models.create(cfg.model)
-    images = data.image_tensors(train_pairs, bundle.preprocess)
-    tokens = data.tokenize(bundle.tokenizer, train_pairs.captions)
-    return train.train_ensemble(images, tokens, tcfg, folder)
+
+
+def train_models(cfg: DemoConfig, train_pairs: data.PairSet, folder: Path) -> list[Path]:
+    """Trains the demo ensemble into ``folder`` (finished members are skipped); returns every
+    checkpoint to attribute, member by member, earliest epoch first."""
+    tcfg = train_config(cfg)
+    wanted = [p for m in range(cfg.members) for p in train.member_checkpoints(folder, m, tcfg)]
+    if not all(p.is_file() for p in wanted):
+        bundle = models.create(cfg.model)
+        images = data.image_tensors(train_pairs, bundle.preprocess)
+        tokens = data.tokenize(bundle.tokenizer, train_pairs.captions)
+        train.train_ensemble(images, tokens, tcfg, folder)
+    return wanted
 
 
 def run_demo(cfg: DemoConfig, out: str | Path) -> Path:

@@ -42,8 +42,9 @@ METHODS = {
     "clip-image": "cosine similarity of the training image to the target image (ensemble CLIP)",
     "clip-text": "cosine similarity of the training caption to the target caption (ensemble CLIP)",
     "clip-pair": "mean of the image-image and caption-caption CLIP similarities",
-    "grad-dot": "gradient dot product of the training pair and the target at each member's final "
-    "checkpoint (TracIn-style), mean over the M checkpoints, in the run's projected gradients",
+    "grad-dot": "gradient dot product of the training pair and the target at each of the run's "
+    "M checkpoints, averaged (TracIn-style; TracIn's sum over training when the checkpoints are "
+    "epochs of one run), in the run's projected gradients",
     "random": "independent standard normal scores (seeded)",
 }
 

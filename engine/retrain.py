@@ -113,7 +113,7 @@ def torch_threads(n: int) -> Iterator[None]:
 
 def train_and_measure(ctx: RetrainContext, job: Job, work: Path, keep_model: bool) -> np.ndarray:
     """Trains one model on ``job.rows`` (one CPU thread) and returns its (n_val,) output."""
-    cfg = replace(ctx.train_cfg, seed=job.seed, members=1, threads=0)
+    cfg = replace(ctx.train_cfg, seed=job.seed, members=1, threads=0, save_epochs=[])
     rows = torch.from_numpy(job.rows)
     with torch_threads(1):
         path = train.train_member(
@@ -254,6 +254,7 @@ def run_train_config(run: Path, manifest: dict[str, Any]) -> tuple[dict[str, Any
 def train_settings(cfg: train.TrainConfig) -> dict[str, Any]:
     """The settings that define a retrained model (what a cache must agree on)."""
     out = asdict(cfg)
-    for key in ("members", "seed", "threads"):  # per-model seeds; threads are always 1
+    # per-model seeds; threads are always 1; a retrained model keeps only its final epoch
+    for key in ("members", "seed", "threads", "save_epochs"):
         out.pop(key)
     return out

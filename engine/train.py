@@ -3,7 +3,10 @@
 TRAK averages over several independently trained checkpoints (TRAK paper, Section 3.4), so
 ``train_ensemble`` trains M members, each with its own seed (initialisation and data order), and
 saves each in open_clip_train's layout and format: ``OUT/member-K/checkpoints/epoch_N.pt``.
-A member whose final checkpoint exists is skipped; one with an ``epoch_latest.pt`` resumes there.
+``save_epochs`` keeps earlier epochs of each member too (as open_clip_train's
+``--save-frequency`` does): checkpoints along one training run are a cheaper way to grow the
+ensemble than more members (measured on the demo world in BENCHMARKS.md).
+A member whose checkpoints all exist is skipped; one with an ``epoch_latest.pt`` resumes there.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import open_clip
@@ -37,6 +40,23 @@ class TrainConfig:
     seed: int = 0  # member K uses seed + K
     init: str | None = None  # checkpoint to fine-tune from (default: random init)
     threads: int = 0  # torch CPU threads (0 = torch's default)
+    save_epochs: list[int] = field(default_factory=list)  # earlier epochs kept as epoch_N.pt
+
+
+def snapshot_epochs(epochs: int, snapshots: int) -> list[int]:
+    """``snapshots`` evenly spaced epochs of a run of ``epochs``, ending with the last one:
+    (15, 3) -> [5, 10, 15]."""
+    if not 1 <= snapshots <= epochs:
+        raise ValueError(f"snapshots must be between 1 and the epochs ({epochs}), got {snapshots}")
+    return sorted({round(epochs * k / snapshots) for k in range(1, snapshots + 1)})
+
+
+def check_save_epochs(cfg: TrainConfig) -> None:
+    bad = [e for e in cfg.save_epochs if not 1 <= e <= cfg.epochs]
+    if bad:
+        raise ValueError(
+            f"save epochs {bad} are outside 1..{cfg.epochs} (the training has {cfg.epochs} epochs)"
+        )
 
 
 def member_dir(out: Path, member: int) -> Path:
@@ -45,6 +65,12 @@ def member_dir(out: Path, member: int) -> Path:
 
 def final_checkpoint(out: Path, member: int, epochs: int) -> Path:
     return member_dir(out, member) / f"epoch_{epochs}.pt"
+
+
+def member_checkpoints(out: Path, member: int, cfg: TrainConfig) -> list[Path]:
+    """Every checkpoint a member keeps, earliest first (its ``save_epochs`` and the final one)."""
+    epochs = sorted({*cfg.save_epochs, cfg.epochs})
+    return [member_dir(out, member) / f"epoch_{e}.pt" for e in epochs]
 
 
 def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -75,8 +101,13 @@ def train_member(
         progress: show a progress bar.
     """
     final = final_checkpoint(out, member, cfg.epochs)
-    if final.is_file():
+    keep = set(cfg.save_epochs) - {cfg.epochs}
+    wanted = member_checkpoints(out, member, cfg)
+    if all(p.is_file() for p in wanted):
         return final
+    if final.is_file():  # finished before without an epoch now wanted: train it again (same seed)
+        log.info("member %d: training again to keep epochs %s", member, sorted(keep))
+        final.unlink()
     seed = cfg.seed + member
     bundle = models.create(cfg.model, seed=seed, device=device)
     model = bundle.model
@@ -120,6 +151,14 @@ def train_member(
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch + 1)
         done = epoch + 1
+        if done in keep and done < cfg.epochs:
+            models.save_checkpoint(
+                member_dir(out, member) / f"epoch_{done}.pt",
+                model,
+                epoch=done,
+                name=cfg.model,
+                extra={"trakview_train": asdict(cfg), "member": member},
+            )
         target = final if done == cfg.epochs else latest
         models.save_checkpoint(
             target,
@@ -145,6 +184,7 @@ def train_ensemble(
     """
     if cfg.members < 1:
         raise ValueError(f"members must be at least 1, got {cfg.members}")
+    check_save_epochs(cfg)
     if images.shape[0] < cfg.batch_size:
         raise ValueError(
             f"the training set has {images.shape[0]} pairs, fewer than one batch "

@@ -47,6 +47,17 @@ def test_errors_are_one_line(tmp_path):
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "error: jsonl source" in result.stderr and "does not exist" in result.stderr
+    result = trakview(
+        "train", "--train-data", "x.jsonl", "--out", str(tmp_path), "--save-epochs", "5,20"
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    said = " ".join(result.stderr.replace("│", " ").split())  # typer boxes and wraps it
+    assert "--save-epochs" in said and "[20] outside 1..15" in said
+    result = trakview("demo", "--out", str(tmp_path), "--epochs", "2", "--snapshots", "3")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    said = " ".join(result.stderr.replace("│", " ").split())
+    assert "--snapshots" in said and "between 1 and the epochs (2), got 3" in said
+    assert not (tmp_path / "data").exists()
 
 
 def test_train_build_info_query_round_trip(tmp_path, world_dir, run_dir):
@@ -60,13 +71,16 @@ def test_train_build_info_query_round_trip(tmp_path, world_dir, run_dir):
         "--members",
         "1",
         "--epochs",
+        "2",
+        "--save-epochs",
         "1",
         "--batch-size",
         "120",
     )
     assert result.returncode == 0, result.stderr
-    ckpt = out / "member-0" / "checkpoints" / "epoch_1.pt"
-    assert result.stdout.strip() == str(ckpt)
+    folder = out / "member-0" / "checkpoints"
+    assert result.stdout.split() == [str(folder / "epoch_1.pt"), str(folder / "epoch_2.pt")]
+    ckpt = folder / "epoch_2.pt"
 
     run = tmp_path / "run"
     result = trakview(
@@ -106,3 +120,23 @@ def test_train_build_info_query_round_trip(tmp_path, world_dir, run_dir):
     payload = json.loads(result.stdout)
     assert len(payload["positive"]) == len(payload["negative"]) == 3
     assert payload["caption"] == val["caption"]
+
+
+def test_small_demo_attributes_every_snapshot(tmp_path):
+    """`trakview demo` end to end on a small world: each model's snapshots are in the run."""
+    out = tmp_path / "demo"
+    result = trakview(
+        "demo", "--out", str(out), "--no-serve", "--n-train", "300", "--n-val", "30",
+        "--members", "2", "--epochs", "2", "--snapshots", "2",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "run" / "manifest.json").read_text())
+    names = [c["path"].split("models/")[-1] for c in manifest["checkpoints"]]
+    assert names == [
+        "member-0/checkpoints/epoch_1.pt",
+        "member-0/checkpoints/epoch_2.pt",
+        "member-1/checkpoints/epoch_1.pt",
+        "member-1/checkpoints/epoch_2.pt",
+    ]
+    train_cfg = json.loads((out / "models" / "train_config.json").read_text())
+    assert train_cfg["save_epochs"] == [1] and train_cfg["epochs"] == 2

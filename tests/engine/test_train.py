@@ -91,3 +91,43 @@ def test_bad_settings(tmp_path, world_tensors):
         train.train_ensemble(x[:50], t[:50], replace(train.TrainConfig(), batch_size=128), tmp_path)
     with pytest.raises(ValueError, match="members must be at least 1"):
         train.train_ensemble(x, t, replace(train.TrainConfig(), members=0), tmp_path)
+    with pytest.raises(ValueError, match="outside 1..15"):
+        train.train_ensemble(x, t, replace(train.TrainConfig(), save_epochs=[0, 5]), tmp_path)
+
+
+def test_snapshot_epochs():
+    assert train.snapshot_epochs(15, 3) == [5, 10, 15]
+    assert train.snapshot_epochs(15, 1) == [15]
+    assert train.snapshot_epochs(6, 3) == [2, 4, 6]
+    assert train.snapshot_epochs(2, 2) == [1, 2]
+    with pytest.raises(ValueError, match="between 1 and the epochs"):
+        train.snapshot_epochs(3, 4)
+
+
+def test_saved_epochs_are_the_trajectory_of_the_final_model(tmp_path, world_tensors):
+    """save_epochs keeps earlier checkpoints of the same run: the final weights do not change,
+    and a member finished without a now-wanted epoch is trained again to the same weights."""
+    (x, t), _ = world_tensors
+    x, t = x[:400], t[:400]
+    plain = train.TrainConfig(members=1, epochs=3, batch_size=100, warmup_steps=2)
+    (final_plain,) = train.train_ensemble(x, t, plain, tmp_path / "plain")
+    kept = replace(plain, save_epochs=[1, 2])
+    (final_kept,) = train.train_ensemble(x, t, kept, tmp_path / "kept")
+    paths = train.member_checkpoints(tmp_path / "kept", 0, kept)
+    assert [p.name for p in paths] == ["epoch_1.pt", "epoch_2.pt", "epoch_3.pt"]
+    assert [torch.load(p, weights_only=True)["epoch"] for p in paths] == [1, 2, 3]
+    a, b = models.read_state_dict(final_plain), models.read_state_dict(final_kept)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    early = models.read_state_dict(paths[0])
+    assert not torch.equal(early["text_projection"], b["text_projection"])
+    assert "optimizer" not in torch.load(paths[0], weights_only=True)
+
+    # the plain run asked for epoch 2 afterwards: trained again, same final weights
+    again = replace(plain, save_epochs=[2])
+    train.train_ensemble(x, t, again, tmp_path / "plain")
+    mid = train.member_checkpoints(tmp_path / "plain", 0, again)[0]
+    c = models.read_state_dict(mid)
+    d = models.read_state_dict(paths[1])
+    assert all(torch.equal(c[k], d[k]) for k in c)
+    e = models.read_state_dict(final_plain)
+    assert all(torch.equal(a[k], e[k]) for k in a)
