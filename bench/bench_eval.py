@@ -145,6 +145,32 @@ def more_members(demo_dir: Path, work: Path, dcfg: demo.DemoConfig, members: int
     return train.train_ensemble(images, tokens, tcfg, folder)
 
 
+def trajectory_members(demo_dir: Path, work: Path, dcfg: demo.DemoConfig, epochs: list[int]):
+    """The demo's members trained again (same seeds, same weights) keeping ``epochs``; cached."""
+    tcfg = replace(demo.train_config(dcfg), save_epochs=sorted(set(epochs) - {dcfg.epochs}))
+    folder = work / "traj"
+    wanted = [p for m in range(dcfg.members) for p in train.member_checkpoints(folder, m, tcfg)]
+    if not all(p.is_file() for p in wanted):
+        pairs = data.read_pairs(demo_dir / "data" / "train.jsonl")
+        bundle = models.create(dcfg.model)
+        images = data.image_tensors(pairs, bundle.preprocess)
+        tokens = data.tokenize(bundle.tokenizer, pairs.captions)
+        train.train_ensemble(images, tokens, tcfg, folder)
+    return folder
+
+
+def final_ids(run: Path) -> list[int]:
+    """Indices of the run's checkpoints that end a training run (the highest epoch_N.pt of each
+    member folder)."""
+    paths = [Path(c["path"]) for c in runs.read_manifest(run)["checkpoints"]]
+    last: dict[Path, tuple[int, int]] = {}
+    for i, p in enumerate(paths):
+        epoch = int(p.stem.split("_")[-1])
+        if p.parent not in last or epoch > last[p.parent][0]:
+            last[p.parent] = (epoch, i)
+    return sorted(i for _, i in last.values())
+
+
 def md_table(header: tuple[str, ...], rows: list[tuple]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
@@ -194,7 +220,8 @@ def reliability(run: Path, lcfg: evaluate.LdsConfig, tcfg: train.TrainConfig, n:
 LABELS = {
     "trak": "trakview TRAK",
     "stock": "traker 0.3.2 stock pipeline",
-    "grad-dot": "gradient dot product (TracIn-style, final checkpoints)",
+    "grad-dot": "gradient dot product (TracIn-style, every checkpoint)",
+    "grad-dot-final": "gradient dot product (final checkpoints only)",
     "clip-image": "CLIP image similarity",
     "clip-text": "CLIP caption similarity",
     "clip-pair": "CLIP pair similarity (mean of both)",
@@ -320,6 +347,15 @@ def main() -> None:
     parser.add_argument("--targets", type=int, default=20)
     parser.add_argument("--ks", default="10,50")
     parser.add_argument("--ms", default="1,2,4,8")
+    parser.add_argument("--snapshots", default="1,2,3,4", help="checkpoints per model to compare")
+    parser.add_argument(
+        "--more-subsets",
+        type=int,
+        default=128,
+        help="then extend the evaluation to this many subsets (narrower intervals, and the "
+        "subsets past --subsets as a held-out check of the defaults chosen on the first ones); "
+        "0: no",
+    )
     parser.add_argument("--proj-dims", default="128,256,512,1024,2048")
     parser.add_argument("--lambdas", default="1e-4,1e-3,1e-2,1e-1,1")
     parser.add_argument("--bootstrap", type=int, default=1000)
@@ -341,6 +377,7 @@ def main() -> None:
         )
         args.subsets, args.targets, args.ks, args.reliability_subsets = 8, 3, "5,20", 4
         args.ms, args.proj_dims, args.bootstrap = "1,2,4", "64,128", 200
+        args.snapshots, args.more_subsets = "1,2", 12
     work = args.work or args.demo / "bench-eval"
     work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
@@ -349,7 +386,8 @@ def main() -> None:
     run = demo.run_demo(dcfg, args.demo)
     manifest = runs.read_manifest(run)
     proj_default, n_default = manifest["counts"]["proj_dim"], manifest["counts"]["n_checkpoints"]
-    tcfg = train.TrainConfig(model=dcfg.model, epochs=dcfg.epochs, lr=dcfg.lr, seed=dcfg.seed)
+    tcfg = demo.train_config(dcfg)
+    finals = final_ids(run)
 
     # 1. the default evaluation, timed (the last from-scratch timing is kept in WORK)
     if args.fresh:
@@ -379,8 +417,12 @@ def main() -> None:
 
     # 2. every score matrix, scored against the same subset models with paired resamples
     scores = evaluate.method_scores(run, list(evaluate.METHODS))
+    scores["grad-dot-final"] = evalstats.grad_dot_scores(
+        *evaluate.trak_store_arrays(run, finals, ("grads", "val"))
+    )
     costs: dict[str, str] = {}
     at_max_m: list[tuple] = []
+    at_snap: list[tuple] = []
     if not args.skip_variants:
         path = work / f"stock-M{n_default}.npy"
         if not path.is_file():
@@ -400,9 +442,31 @@ def main() -> None:
                 scores[f"proj_dim={k}"] = scores["trak"]
                 continue
             out, _ = variant_run(
-                args.demo, work / f"run-p{k}", ckpts[:n_default], dcfg.seed, proj_dim=k
+                args.demo, work / f"run-p{k}", ckpts[: dcfg.members], dcfg.seed, proj_dim=k
             )
             scores[f"proj_dim={k}"] = store.load_npy(store.scores_path(out))
+        snaps = [int(v) for v in args.snapshots.split(",")]
+        snap_runs: dict[int, Path] = {}
+        traj = trajectory_members(
+            args.demo,
+            work,
+            dcfg,
+            sorted({e for n in snaps for e in train.snapshot_epochs(dcfg.epochs, n)}),
+        )
+        for n in snaps:
+            epochs = train.snapshot_epochs(dcfg.epochs, n)
+            name = f"snapshots={n} (epochs {','.join(map(str, epochs))})"
+            if n == dcfg.snapshots:
+                scores[name] = scores["trak"]
+                continue
+            paths = [
+                traj / f"member-{m}" / "checkpoints" / f"epoch_{e}.pt"
+                for m in range(dcfg.members)
+                for e in epochs
+            ]
+            out, _ = variant_run(args.demo, work / f"run-S{n}", paths, dcfg.seed)
+            scores[name] = store.load_npy(store.scores_path(out))
+            snap_runs[n] = out
         for lam in [float(v) for v in args.lambdas.split(",")]:
             scores[f"lambda_rel={lam:g}"] = lambda_scores(run, n_default, lam)
     preds = {k: evalstats.subset_predictions(v, masks) for k, v in scores.items()}
@@ -415,6 +479,22 @@ def main() -> None:
         order = sorted(res_big, key=lambda k: -res_big[k]["lds"])
         at_max_m = [(f"{LABELS[k]} (M={max(ms)})", *fmt_lds(res_big[k])) for k in order]
         lines += verdicts(res_big, f"M={max(ms)}")
+        if snap_runs:  # every method again on the run with the most snapshots per model
+            n_s = max(snap_runs)
+            srun = snap_runs[n_s]
+            big_s = evaluate.method_scores(srun, list(evaluate.METHODS))
+            big_s["grad-dot-final"] = evalstats.grad_dot_scores(
+                *evaluate.trak_store_arrays(srun, final_ids(srun), ("grads", "val"))
+            )
+            preds_s = {k: evalstats.subset_predictions(v, masks) for k, v in big_s.items()}
+            res_s = evalstats.bootstrap_lds(preds_s, outputs, args.bootstrap, seed=0)
+            n_ck = runs.read_manifest(srun)["counts"]["n_checkpoints"]
+            tag = f"{dcfg.members} models x {n_s} snapshots (M={n_ck})"
+            at_snap = [
+                (f"{LABELS[k]} ({tag})", *fmt_lds(res_s[k]))
+                for k in sorted(res_s, key=lambda k: -res_s[k]["lds"])
+            ]
+            lines += verdicts(res_s, tag)
 
     main_rows = [
         (
@@ -426,8 +506,75 @@ def main() -> None:
     ]
     print(md_table(("method", "LDS", "95% interval", "TRAK minus method"), main_rows))
     sweep_rows = [
-        (k, *fmt_lds(result[k])) for k in result if k.startswith(("M=", "proj_dim=", "lambda_rel="))
+        (k, *fmt_lds(result[k]))
+        for k in result
+        if k.startswith(("M=", "snapshots=", "proj_dim=", "lambda_rel="))
     ]
+
+    # 2b. more subsets: narrower intervals, and a held-out check on the subsets added
+    more_md = ""
+    if args.more_subsets > args.subsets:
+        before = os.getloadavg()
+        t0 = time.perf_counter()
+        more = evaluate.evaluate_lds(
+            run, replace(lcfg, subsets=args.more_subsets), tcfg, train_source="the demo's trainer"
+        )
+        more_seconds = time.perf_counter() - t0
+        print(f"extended to {args.more_subsets} subsets: {more_seconds:.0f} s", flush=True)
+        masks_all, outputs_all = evaluate.load_lds_cache(run, args.more_subsets)
+        main_keys = [k for k in LABELS if k in scores]
+        blocks = {
+            f"all {args.more_subsets} subsets": slice(None),
+            f"held out: subsets {args.subsets}-{args.more_subsets - 1}": slice(args.subsets, None),
+        }
+        more_scores = {k: scores[k] for k in main_keys}
+        if at_snap:  # the snapshot run and its own gradient dot product, on the new subsets too
+            more_scores[f"TRAK, {tag}"] = big_s["trak"]
+            more_scores[f"gradient dot product, {tag}"] = big_s["grad-dot"]
+        more_rows = []
+        for label, rows_ in blocks.items():
+            preds_m = {
+                k: evalstats.subset_predictions(v, masks_all[rows_]) for k, v in more_scores.items()
+            }
+            res_m = evalstats.bootstrap_lds(preds_m, outputs_all[rows_], args.bootstrap, seed=0)
+            order = sorted(res_m, key=lambda k: -res_m[k]["lds"])
+            more_rows += [(label, LABELS.get(k, k), *fmt_lds(res_m[k])) for k in order]
+            if at_snap:
+                a, b = f"TRAK, {tag}", f"gradient dot product, {tag}"
+                pair = evalstats.bootstrap_lds(
+                    {"trak": preds_m[a], "grad-dot": preds_m[b], "trak-m4": preds_m["trak"]},
+                    outputs_all[rows_],
+                    args.bootstrap,
+                    seed=0,
+                )
+                d, d4 = pair["grad-dot"]["reference_minus_this"], pair["trak-m4"]
+                lines.append(
+                    f"{label}: TRAK with {tag} {pair['trak']['lds']:+.3f} minus its gradient dot "
+                    f"product {d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]; minus the "
+                    f"default's TRAK {d4['reference_minus_this']['mean']:+.3f} "
+                    f"[{d4['reference_minus_this']['ci'][0]:+.3f}, "
+                    f"{d4['reference_minus_this']['ci'][1]:+.3f}]"
+                )
+            lines += verdicts(res_m, f"{label}, M={n_default}")
+        trained = more["timings"]["models_trained"]
+        more_md = (
+            f"\n\n#### {args.more_subsets} subsets\n\nThe evaluation extended from "
+            f"{args.subsets} to {args.more_subsets} subsets ("
+            + (
+                f"{trained} models trained in {more_seconds:.0f} s, load average "
+                f"{load_text(list(before))} before, {load_text(list(os.getloadavg()))} after"
+                if trained
+                else "every model cached from an earlier call; about 10 s per model with 2 "
+                "workers at load 2-3"
+            )
+            + "). The demo's defaults (checkpoints, "
+            f"snapshots) were chosen by LDS on the first {args.subsets} subsets; subsets "
+            f"{args.subsets}-{args.more_subsets - 1} are new models, so their rows are a check "
+            "free of that choice.\n\n"
+            + md_table(
+                ("subsets", "method", "LDS", "95% interval", "TRAK minus method [95%]"), more_rows
+            )
+        )
 
     # 3. removal
     removal_md = ""
@@ -438,8 +585,10 @@ def main() -> None:
     # 4. BENCHMARKS.md
     note = (
         f"Default demo (`trakview demo`: {manifest['counts']['n_train']} train / "
-        f"{manifest['counts']['n_val']} val pairs, {n_default} x {dcfg.model}, {dcfg.epochs} "
-        f"epochs, proj_dim {proj_default}). `trakview eval lds` defaults: {args.subsets} random "
+        f"{manifest['counts']['n_val']} val pairs, {dcfg.members} x {dcfg.model} trained "
+        f"{dcfg.epochs} epochs, {dcfg.snapshots} checkpoints of each (epochs "
+        f"{', '.join(map(str, train.snapshot_epochs(dcfg.epochs, dcfg.snapshots)))}): "
+        f"M = {n_default} checkpoints, proj_dim {proj_default}). `trakview eval lds` defaults: {args.subsets} random "
         f"halves of the training set x {args.models_per_subset} model (the demo's trainer), the "
         f"CLIP margin of all {manifest['counts']['n_val']} validation pairs; every method is "
         f"scored against the same models and the same {args.bootstrap} bootstrap resamples "
@@ -474,11 +623,13 @@ def main() -> None:
     if sweep_rows:
         body += (
             "\n\n#### LDS of trakview TRAK against M, proj_dim and lambda\n\n"
-            f"M: the first M checkpoints of an {max(ms)}-member ensemble (the demo's members and "
-            f"members {n_default}-{max(ms) - 1} trained with the demo's trainer, seeds "
-            f"{n_default}-{max(ms) - 1}), proj_dim {proj_default}. proj_dim: the demo's "
-            f"{n_default} checkpoints. lambda_rel: the demo run's store re-finalized (default "
-            "1e-3). Same subset models and resamples as above; the last column is the default "
+            f"M=1..{max(ms)}: the final checkpoints of the first M of {max(ms)} independently "
+            f"trained models (the demo's {dcfg.members} and {max(ms) - dcfg.members} more, "
+            f"the demo's trainer, seeds {dcfg.members}-{max(ms) - 1}), proj_dim {proj_default}. "
+            f"snapshots=S: the demo's {dcfg.members} models with S checkpoints of each along "
+            f"training ({n_default} checkpoints: the default). proj_dim: the final checkpoints "
+            f"of the demo's {dcfg.members} models (compare with M={dcfg.members}). lambda_rel: "
+            "the demo run's store re-finalized (default 1e-3). Same subset models and resamples as above; the last column is the default "
             "minus the variant.\n\n"
             + md_table(
                 ("variant", "LDS", "95% interval", "default minus variant [95%]"), sweep_rows
@@ -491,6 +642,16 @@ def main() -> None:
             f"embeddings of the {max(ms)} checkpoints of the M sweep.\n\n"
             + md_table(("method", "LDS", "95% interval", "TRAK minus method [95%]"), at_max_m)
         )
+    if at_snap:
+        body += (
+            "\n\n#### Every method with several checkpoints along each training run\n\n"
+            "The same subset models and resamples; the run with the most snapshots per model "
+            "of the sweep above (no more training than the demo: its models' earlier epochs). "
+            "Gradient dot product: over all its checkpoints (TracIn's sum along training) and over "
+            "the final ones.\n\n"
+            + md_table(("method", "LDS", "95% interval", "TRAK minus method [95%]"), at_snap)
+        )
+    body += more_md
     body += removal_md
     body += "\n\nWhat these figures say (generated from them):\n\n" + "\n".join(
         f"- {line}" for line in lines
