@@ -228,11 +228,12 @@ def _epoch_list(text: str, epochs: int) -> list[int]:
         raise typer.BadParameter(
             f"expected epochs like 5,10: {err}", param_hint="--save-epochs"
         ) from err
-    bad = [v for v in values if not 1 <= v <= epochs]
-    if bad:
-        raise typer.BadParameter(
-            f"{bad} outside 1..{epochs} (--epochs {epochs})", param_hint="--save-epochs"
-        )
+    from engine import train as train_mod
+
+    try:  # the trainer's own rule, checked before any data is read
+        train_mod.check_save_epochs(train_mod.TrainConfig(epochs=epochs, save_epochs=values))
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--save-epochs") from err
     return values
 
 

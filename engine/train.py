@@ -55,7 +55,7 @@ def check_save_epochs(cfg: TrainConfig) -> None:
     bad = [e for e in cfg.save_epochs if not 1 <= e <= cfg.epochs]
     if bad:
         raise ValueError(
-            f"save epochs {bad} are outside 1..{cfg.epochs} (the training has {cfg.epochs} epochs)"
+            f"save epochs {bad} outside 1..{cfg.epochs} (the training has {cfg.epochs} epochs)"
         )
 
 
