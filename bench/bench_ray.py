@@ -61,7 +61,7 @@ def kind_of(unit: str) -> str:
 def build_once(label: str, train, val, cfg, folder: Path) -> dict:
     kind, threads, cpus = CONFIGS[label]
     torch.set_num_threads(threads)
-    executor: executors.Executor = executors.LocalExecutor()
+    executor: executors.Executor = executors.LocalExecutor(jobs=1)  # this process, as labelled
     cluster_s = 0.0
     if kind == "ray":
         import ray

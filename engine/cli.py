@@ -53,9 +53,10 @@ def demo(
         int,
         typer.Option(
             help="Checkpoints attributed per model: its last epoch and evenly spaced earlier "
-            "ones (3 with 15 epochs: 5, 10, 15; more LDS for a longer build, see BENCHMARKS.md)."
+            "ones (3 with 15 epochs: 5, 10, 15; 1: the final checkpoints only, a faster build "
+            "with a lower LDS, see BENCHMARKS.md)."
         ),
-    ] = 1,
+    ] = 3,
     seed: Annotated[int, typer.Option(help="Seed of the world, training and attribution.")] = 0,
     verbose: Verbose = False,
 ) -> None:
@@ -156,6 +157,13 @@ Workers = Annotated[
     int,
     typer.Option(
         help="DataLoader workers reading images; -1 = none below 1000 images, else up to 4."
+    ),
+]
+Jobs = Annotated[
+    int,
+    typer.Option(
+        help="Processes working side by side on this machine (0 = auto: one per CPU core, up to "
+        "4, for a large enough job on a CPU; 1 = this process)."
     ),
 ]
 
@@ -273,6 +281,7 @@ def train(
     coco_captions: CocoCaptions = "first",
     strict: Strict = False,
     workers: Workers = -1,
+    jobs: Jobs = 0,
     config: ConfigFile = None,
     verbose: Verbose = False,
 ) -> None:
@@ -315,7 +324,7 @@ def train(
     bundle = models.create(model, pretrained=tag)
     images = data.image_tensors(pairs, bundle.preprocess, workers=workers)
     tokens = data.tokenize(bundle.tokenizer, pairs.captions)
-    train_mod.train_ensemble(images, tokens, cfg, out, device=device)
+    train_mod.train_ensemble(images, tokens, cfg, out, device=device, jobs=jobs)
     for member in range(cfg.members):
         for path in train_mod.member_checkpoints(out, member, cfg):
             typer.echo(str(path))
@@ -420,6 +429,7 @@ def build(
     gpus_per_task: Annotated[
         float, typer.Option(help="With --executor ray: GPUs per computing unit (0.5 shares one).")
     ] = 0.0,
+    jobs: Jobs = 0,
     config: ConfigFile = None,
     verbose: Verbose = False,
 ) -> None:
@@ -433,7 +443,7 @@ def build(
     train_pairs, val_pairs = _read_sources(train_data, val_data, val_fraction, split_seed, options)
     if val_pairs is None:
         raise data.DataError("give --val-data, or --val-fraction to split --train-data")
-    runner = executors.make(executor, ray_address, gpus_per_task)
+    runner = executors.make(executor, ray_address, gpus_per_task, jobs=jobs)
     cfg = attribute.BuildConfig(
         model=model,
         checkpoints=_checkpoints(model, checkpoint, checkpoints_dir, epochs, pretrained),

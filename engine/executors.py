@@ -2,7 +2,10 @@
 
 Both run the same units (``engine.units.run_unit``), which skip themselves when their
 done-marker exists: what an executor adds is where and when each unit runs. ``LocalExecutor``
-runs them one after another; ``RayExecutor`` submits one Ray task per unit, its dependencies
+runs them on this machine: one after another in this process, or, for a large enough build on a
+CPU, in ``jobs`` processes of a few torch threads each (a tiny model's per-sample gradients keep
+one thread busy but not two, so two single-threaded processes do nearly twice the work on two
+cores); ``RayExecutor`` submits one Ray task per unit, its dependencies
 passed as the results of the tasks it needs, so that Ray's scheduler runs each unit when its inputs
 are ready, on any worker with a free CPU (or GPU: ``gpus_per_task``), and retries a unit whose
 worker died (``max_retries``). One progress bar on the driver counts the units of the whole
@@ -12,14 +15,16 @@ cluster.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from tqdm.auto import tqdm
 
-from engine import graph, store, units
+from engine import graph, store, units, workers
 
 if TYPE_CHECKING:
     from engine.attribute import BuildConfig
@@ -28,6 +33,10 @@ log = logging.getLogger(__name__)
 EXECUTORS = ("local", "ray")
 INSTALL_RAY = "pip install 'trakview[ray]'"
 WAIT_WARNING_SECONDS = 600  # a warning when no unit finishes for this long (a stuck cluster?)
+# Below this many (training pair, checkpoint) gradients a build stays in one process: starting a
+# worker process (importing torch, making the model) costs a few seconds.
+PARALLEL_MIN_GRADIENTS = 5000
+MAX_AUTO_JOBS = 4
 
 
 class ExecutorError(ValueError):
@@ -50,23 +59,105 @@ def _todo(plan: list[graph.Unit], out: Path) -> list[graph.Unit]:
     return [u for u in plan if not store.unit_done(out, u.id)]
 
 
+def auto_jobs(plan: list[graph.Unit], cfg: BuildConfig, cpus: int | None = None) -> int:
+    """Processes for ``LocalExecutor(jobs=0)``: one on a GPU or for a small build, else one per
+    CPU core, at most ``MAX_AUTO_JOBS`` and at most one per checkpoint."""
+    cpus = cpus or os.cpu_count() or 1
+    gradients = sum(u.rows[1] - u.rows[0] for u in plan if u.kind == "featurize")
+    if cfg.device != "cpu" or gradients < PARALLEL_MIN_GRADIENTS:
+        return 1
+    return max(1, min(cpus, MAX_AUTO_JOBS, len(cfg.checkpoints)))
+
+
 @dataclass
 class LocalExecutor:
-    """Runs the units in this process, in the plan's order, sharing one ``WorkContext``."""
+    """Runs the units on this machine.
 
+    With one job, in this process in the plan's order, sharing one ``WorkContext``. With more,
+    in ``jobs`` worker processes of ``threads`` torch threads each (default: the CPU count
+    divided among them), each with its own ``WorkContext`` for the whole build; a unit is started
+    as soon as the units it needs are done, in the plan's order otherwise. ``jobs=0`` picks
+    with ``auto_jobs``. The results do not depend on which process runs a unit, but float sums
+    do depend on the number of threads.
+    """
+
+    jobs: int = 0  # worker processes; 1 = this process; 0 = auto_jobs
+    threads: int = 0  # torch threads per worker process; 0 = the CPU count / jobs
     name: str = "local"
+    used: dict[str, int] = field(default_factory=dict, init=False)  # the last run's
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name}
+        return {"name": self.name, **self.used}
 
     def run(self, plan: list[graph.Unit], out: Path, cfg: BuildConfig) -> None:
+        if self.jobs < 0 or self.threads < 0:
+            raise ExecutorError(
+                f"--jobs and threads must be 0 (auto) or more, got {self.jobs} and {self.threads}"
+            )
         todo = _todo(plan, out)
-        ctx = units.WorkContext(out, cfg)
-        with tqdm(total=len(plan), initial=len(plan) - len(todo), desc="build", unit="unit") as bar:
-            for unit in todo:
-                bar.set_postfix_str(unit.id)
-                units.run_unit(unit, ctx)
-                bar.update(1)
+        jobs = min(self.jobs or auto_jobs(plan, cfg), max(1, len(todo)))
+        bar = tqdm(total=len(plan), initial=len(plan) - len(todo), desc="build", unit="unit")
+        with bar:
+            if jobs <= 1:
+                self.used = {"jobs": 1}
+                ctx = units.WorkContext(out, cfg)
+                for unit in todo:
+                    bar.set_postfix_str(unit.id)
+                    units.run_unit(unit, ctx)
+                    bar.update(1)
+                return
+            threads = workers.threads_per_job(jobs, self.threads)
+            self.used = {"jobs": jobs, "threads_per_job": threads}
+            self._run_parallel(plan, todo, out, cfg, jobs, threads, bar)
+
+    def _run_parallel(
+        self,
+        plan: list[graph.Unit],
+        todo: list[graph.Unit],
+        out: Path,
+        cfg: BuildConfig,
+        jobs: int,
+        threads: int,
+        bar: tqdm,
+    ) -> None:
+        if cfg.workers < 0:  # the jobs already use the cores: each reads its images itself
+            cfg = replace(cfg, workers=0)
+        done = {u.id for u in plan} - {u.id for u in todo}
+        waiting = list(todo)
+        running: dict[Future, graph.Unit] = {}
+        pool = workers.Pool(jobs, threads, _start_local_worker, (str(out), cfg))
+        try:
+            while waiting or running:
+                for unit in [u for u in waiting if all(d in done for d in u.deps)]:
+                    if len(running) >= jobs:
+                        break
+                    waiting.remove(unit)
+                    running[pool.submit(_run_local_unit, unit)] = unit
+                if not running:  # cannot happen with a valid plan: a unit waits on a missing one
+                    missing = sorted({d for u in waiting for d in u.deps} - done)
+                    raise RuntimeError(f"units wait on units that never run: {missing[:5]}")
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    unit = running.pop(future)
+                    future.result()  # a unit's error stops the build (finished units are kept)
+                    done.add(unit.id)
+                    bar.set_postfix_str(unit.id)
+                    bar.update(1)
+        finally:
+            pool.close()
+
+
+_WORKER_CONTEXT: units.WorkContext | None = None  # a local worker process's, for the whole build
+
+
+def _start_local_worker(out: str, cfg: BuildConfig) -> None:
+    global _WORKER_CONTEXT
+    _WORKER_CONTEXT = units.WorkContext(Path(out), cfg)
+
+
+def _run_local_unit(unit: graph.Unit) -> dict[str, Any]:
+    assert _WORKER_CONTEXT is not None, "a local worker runs units after its initializer"
+    return units.run_unit(unit, _WORKER_CONTEXT)
 
 
 def run_in_worker(
@@ -186,21 +277,30 @@ def make(
     address: str | None = None,
     gpus_per_task: float = 0.0,
     max_retries: int = 3,
+    jobs: int = 0,
 ) -> Executor:
     """The executor the command line asks for.
 
     Raises:
-        ExecutorError: an unknown name, Ray options without ``ray``, or Ray not installed.
+        ExecutorError: an unknown name, Ray options without ``ray``, local options with it, or
+            Ray not installed.
     """
     if name not in EXECUTORS:
         raise ExecutorError(f"--executor must be one of {', '.join(EXECUTORS)}, got {name!r}")
+    if jobs < 0:
+        raise ExecutorError(f"--jobs must be 0 (auto) or a number of processes, got {jobs}")
     if name == "local":
         if address or gpus_per_task:
             raise ExecutorError(
                 "--ray-address and --gpus-per-task apply to --executor ray only; add "
                 "--executor ray, or drop them"
             )
-        return LocalExecutor()
+        return LocalExecutor(jobs=jobs)
+    if jobs:
+        raise ExecutorError(
+            "--jobs applies to --executor local only: Ray runs one task per free CPU (or GPU) of "
+            "the cluster; drop --jobs"
+        )
     import_ray()
     if gpus_per_task < 0:
         raise ExecutorError(f"--gpus-per-task must be 0 or more, got {gpus_per_task}")

@@ -11,19 +11,29 @@ A member whose checkpoints all exist is skipped; one with an ``epoch_latest.pt``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
+import queue
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import open_clip
 import torch
 from tqdm.auto import tqdm
 
-from engine import models, store
+from engine import models, store, workers
 
 log = logging.getLogger(__name__)
+# Members train side by side (``auto_jobs``) from this many samples (images x epochs) on: starting
+# a worker process costs a few seconds. Up to this many bytes of images are copied to each.
+PARALLEL_MIN_SAMPLES = 10_000
+PARALLEL_MAX_BYTES = 1 << 30
+MAX_AUTO_JOBS = 4
 
 
 @dataclass
@@ -88,6 +98,7 @@ def train_member(
     out: Path,
     device: str = "cpu",
     progress: bool = True,
+    on_step: Callable[[int], Any] | None = None,
 ) -> Path:
     """Trains (or resumes) one ensemble member and returns its final checkpoint path.
 
@@ -99,6 +110,7 @@ def train_member(
         out: ensemble folder.
         device: torch device.
         progress: show a progress bar.
+        on_step: called with the number of steps done since its last call (every epoch).
     """
     final = final_checkpoint(out, member, cfg.epochs)
     keep = set(cfg.save_epochs) - {cfg.epochs}
@@ -151,6 +163,8 @@ def train_member(
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch + 1)
         done = epoch + 1
+        if on_step is not None:
+            on_step(steps_per_epoch)
         if done in keep and done < cfg.epochs:
             models.save_checkpoint(
                 member_dir(out, member) / f"epoch_{done}.pt",
@@ -174,11 +188,30 @@ def train_member(
     return final
 
 
+def auto_jobs(cfg: TrainConfig, n_images: int, members: int, device: str, nbytes: int) -> int:
+    """Members trained side by side for ``jobs=0``: on a CPU, one per core (at most
+    ``MAX_AUTO_JOBS``) when there are several members, enough work to pay for starting the
+    processes, and images small enough to copy to each; else one."""
+    if device != "cpu" or members < 2 or n_images * cfg.epochs < PARALLEL_MIN_SAMPLES:
+        return 1
+    if nbytes > PARALLEL_MAX_BYTES:
+        return 1
+    return max(1, min(os.cpu_count() or 1, MAX_AUTO_JOBS, members))
+
+
 def train_ensemble(
-    images: torch.Tensor, tokens: torch.Tensor, cfg: TrainConfig, out: Path, device: str = "cpu"
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    cfg: TrainConfig,
+    out: Path,
+    device: str = "cpu",
+    jobs: int = 0,
 ) -> list[Path]:
     """Trains every member of the ensemble (skipping finished ones); returns checkpoint paths.
 
+    With ``jobs`` > 1 the members train side by side in worker processes of ``cfg.threads``
+    torch threads each (default: the CPU count shared out); ``jobs=0`` picks with
+    ``auto_jobs``. A member's weights depend on its seed and its number of threads only.
     The settings are recorded in ``OUT/train_config.json``, so that ``trakview eval`` retrains
     with the same trainer as the run's checkpoints.
     """
@@ -190,10 +223,79 @@ def train_ensemble(
             f"the training set has {images.shape[0]} pairs, fewer than one batch "
             f"({cfg.batch_size}); lower --batch-size"
         )
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    if jobs < 0:
+        raise ValueError(f"jobs must be 0 (auto) or a number of processes, got {jobs}")
     store.write_json(Path(out) / "train_config.json", asdict(cfg))
     t0 = time.perf_counter()
-    paths = [train_member(images, tokens, cfg, m, out, device) for m in range(cfg.members)]
+    todo = [
+        m
+        for m in range(cfg.members)
+        if not all(p.is_file() for p in member_checkpoints(out, m, cfg))
+    ]
+    nbytes = images.element_size() * images.nelement()
+    jobs = min(jobs or auto_jobs(cfg, images.shape[0], len(todo), device, nbytes), len(todo))
+    if jobs <= 1:
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        paths = [train_member(images, tokens, cfg, m, out, device) for m in range(cfg.members)]
+    else:
+        _train_side_by_side(images, tokens, cfg, out, device, todo, jobs)
+        paths = [final_checkpoint(out, m, cfg.epochs) for m in range(cfg.members)]
     log.info("trained %d members in %.1f s", cfg.members, time.perf_counter() - t0)
     return paths
+
+
+def _train_side_by_side(
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    cfg: TrainConfig,
+    out: Path,
+    device: str,
+    todo: list[int],
+    jobs: int,
+) -> None:
+    """``todo`` members in ``jobs`` processes; one progress bar over all their steps."""
+    steps = max(1, images.shape[0] // cfg.batch_size) * cfg.epochs
+    progress = workers.queue()
+    pool = workers.Pool(
+        jobs, workers.threads_per_job(jobs, cfg.threads), _set_progress_queue, (progress,)
+    )
+    bar = tqdm(total=steps * len(todo), desc=f"training {len(todo)} members", unit="step")
+    try:
+        futures = [
+            pool.submit(_train_in_worker, images, tokens, cfg, m, str(out), device) for m in todo
+        ]
+        while True:
+            with contextlib.suppress(queue.Empty):
+                bar.update(progress.get(timeout=0.5))
+            for f in futures:
+                if f.done():
+                    f.result()  # a member's error stops the training (finished ones are kept)
+            if all(f.done() for f in futures):
+                break
+    finally:
+        pool.close()
+        bar.close()
+
+
+_PROGRESS: Any = None  # a training worker's queue of steps done, to the parent's progress bar
+
+
+def _set_progress_queue(progress: Any) -> None:
+    global _PROGRESS
+    _PROGRESS = progress
+
+
+def _train_in_worker(
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    cfg: TrainConfig,
+    member: int,
+    out: str,
+    device: str,
+) -> str:
+    """A worker's member: ``train_member`` reporting its steps to the parent's bar."""
+    path = train_member(
+        images, tokens, cfg, member, Path(out), device, progress=False, on_step=_PROGRESS.put
+    )
+    return str(path)

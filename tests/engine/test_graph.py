@@ -3,7 +3,9 @@ the choice of executor."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import subprocess
 import sys
 
 import numpy as np
@@ -65,3 +67,54 @@ def test_executor_choice_errors_say_how_to_fix_them(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     with pytest.raises(executors.ExecutorError, match=r"pip install 'trakview\[ray\]'"):
         executors.make("ray")
+    with pytest.raises(executors.ExecutorError, match="--jobs applies to --executor local"):
+        executors.make("ray", jobs=2)
+    with pytest.raises(executors.ExecutorError, match="--jobs must be 0"):
+        executors.make("local", jobs=-1)
+
+
+def test_parallel_local_build_equals_the_one_process_build(tmp_path, world_dir, sharded_run):
+    """Two worker processes of one thread give the one-thread build bit for bit, started from a
+    user's script that has no ``if __name__ == "__main__"`` guard (spawn would run it again)."""
+    cfg = json.loads((sharded_run / "manifest.json").read_text())["config"]
+    script = tmp_path / "build_it.py"
+    script.write_text(
+        "import json, sys\n"
+        "from engine import attribute, data, executors\n"
+        f"cfg = attribute.BuildConfig(**json.loads({json.dumps(json.dumps(cfg))}))\n"
+        f"train = data.read_pairs({str(world_dir / 'train.jsonl')!r})\n"
+        f"val = data.read_pairs({str(world_dir / 'val.jsonl')!r})\n"
+        "executor = executors.LocalExecutor(jobs=2, threads=1)\n"
+        f"attribute.build(train, val, cfg, {str(tmp_path / 'run')!r}, executor=executor)\n"
+        "print('built', executor.describe())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("built") == 1  # the script ran once: the workers did not rerun it
+    run = tmp_path / "run"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["executor"]["jobs"] == 2 and manifest["executor"]["threads_per_job"] == 1
+    assert len({u["pid"] for u in manifest["units"]}) == 2  # the units ran in both workers
+    for name in ("scores.npy", "topk_pos.npy", "topk_neg.npy", "train_image_emb.npy"):
+        np.testing.assert_array_equal(np.load(run / name), np.load(sharded_run / name), name)
+
+
+def test_parallel_local_build_stops_at_a_failing_unit(tmp_path, sharded_config):
+    """A unit's error in a worker process is raised by the build; finished units keep their
+    done-markers (so a resume skips them)."""
+    plan = [graph.Unit("broken-a", "no-such-kind"), graph.Unit("broken-b", "no-such-kind")]
+    with pytest.raises(KeyError, match="no-such-kind"):
+        executors.LocalExecutor(jobs=2, threads=1).run(plan, tmp_path, sharded_config)
+
+
+def test_auto_jobs_keeps_small_and_gpu_builds_in_one_process(sharded_config):
+    four = dataclasses.replace(sharded_config, checkpoints=sharded_config.checkpoints * 2)
+    plan = graph.plan(n_train=3000, n_val=300, n_models=4, shard_size=20000)
+    assert executors.auto_jobs(plan, four, cpus=2) == 2
+    assert executors.auto_jobs(plan, four, cpus=16) == executors.MAX_AUTO_JOBS == 4
+    assert executors.auto_jobs(plan, sharded_config, cpus=16) == 2  # one job per checkpoint
+    small = graph.plan(n_train=240, n_val=40, n_models=2, shard_size=20000)
+    assert executors.auto_jobs(small, four, cpus=2) == 1
+    assert executors.auto_jobs(plan, dataclasses.replace(four, device="cuda"), cpus=2) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 import pytest
@@ -131,3 +132,31 @@ def test_saved_epochs_are_the_trajectory_of_the_final_model(tmp_path, world_tens
     assert all(torch.equal(c[k], d[k]) for k in c)
     e = models.read_state_dict(final_plain)
     assert all(torch.equal(a[k], e[k]) for k in a)
+
+
+def test_members_trained_side_by_side_equal_those_trained_one_by_one(tmp_path, world_tensors):
+    """Worker processes change where a member trains, not its weights (same thread count)."""
+    (x, t), _ = world_tensors
+    cfg = train.TrainConfig(members=2, epochs=1, batch_size=200, warmup_steps=2, threads=1)
+    before = torch.get_num_threads()
+    try:
+        one_by_one = train.train_ensemble(x[:400], t[:400], cfg, tmp_path / "a", jobs=1)
+    finally:
+        torch.set_num_threads(before)
+    side_by_side = train.train_ensemble(x[:400], t[:400], cfg, tmp_path / "b", jobs=2)
+    for a, b in zip(one_by_one, side_by_side, strict=True):
+        assert a.relative_to(tmp_path / "a") == b.relative_to(tmp_path / "b")
+        sa = torch.load(a, weights_only=True)["state_dict"]
+        sb = torch.load(b, weights_only=True)["state_dict"]
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    with pytest.raises(ValueError, match="jobs must be 0"):
+        train.train_ensemble(x, t, cfg, tmp_path / "c", jobs=-1)
+
+
+def test_auto_jobs_trains_small_ensembles_in_one_process():
+    cfg = train.TrainConfig(members=4, epochs=15)
+    assert train.auto_jobs(cfg, 3000, 4, "cpu", 37 << 20) == min(4, os.cpu_count() or 1)
+    assert train.auto_jobs(cfg, 3000, 1, "cpu", 37 << 20) == 1  # one member left
+    assert train.auto_jobs(cfg, 300, 4, "cpu", 4 << 20) == 1  # 4500 samples: too little work
+    assert train.auto_jobs(cfg, 3000, 4, "cuda", 37 << 20) == 1
+    assert train.auto_jobs(cfg, 3000, 4, "cpu", 2 << 30) == 1  # images too large to copy

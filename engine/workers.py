@@ -1,0 +1,92 @@
+"""Worker processes on this machine, for work that one torch thread does best in many copies.
+
+A tiny CLIP model's per-sample gradients or training steps keep one CPU thread busy but gain
+little from a second: on 2 cores, two single-threaded processes do nearly twice the work of one
+process with two threads (BENCHMARKS.md). ``pool`` starts such processes with ``spawn`` (a fork
+would copy torch's thread pools) and without the caller's ``__main__``, so a user's script that
+calls trakview needs no ``if __name__ == "__main__"`` guard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import sys
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from typing import Any
+
+
+def queue() -> Any:
+    """A queue that ``Pool``'s workers can be given (in ``initargs``) to report to the parent."""
+    return multiprocessing.get_context("spawn").Queue()
+
+
+def threads_per_job(jobs: int, threads: int = 0) -> int:
+    """Torch threads of each of ``jobs`` processes: ``threads``, or the CPU count shared out."""
+    return threads or max(1, (os.cpu_count() or 1) // max(1, jobs))
+
+
+class Pool:
+    """A process pool whose workers start with ``torch.set_num_threads(threads)``, the
+    caller's log level, then ``initializer(*initargs)``."""
+
+    def __init__(
+        self,
+        jobs: int,
+        threads: int,
+        initializer: Callable[..., None] | None = None,
+        initargs: tuple[Any, ...] = (),
+    ) -> None:
+        self._pool = ProcessPoolExecutor(
+            max_workers=jobs,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_start_worker,
+            initargs=(threads, logging.getLogger().level, initializer, initargs),
+        )
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        with _main_hidden():  # a submit may start a worker process
+            return self._pool.submit(fn, *args)
+
+    def close(self) -> None:
+        """Waits for the running work; work not started yet is cancelled."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _start_worker(
+    threads: int,
+    log_level: int,
+    initializer: Callable[..., None] | None,
+    initargs: tuple[Any, ...],
+) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=log_level or logging.WARNING)
+    if initializer is not None:
+        initializer(*initargs)
+
+
+@contextlib.contextmanager
+def _main_hidden() -> Iterator[None]:
+    """Starts processes without the caller's ``__main__``: a spawned process runs the main
+    script again unless it is guarded by ``if __name__ == "__main__"``. trakview's work needs
+    only its own modules."""
+    main = sys.modules["__main__"]
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__spec__ = None
+    try:
+        yield
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)
