@@ -23,11 +23,16 @@ from PIL import Image
 from engine import data, embed, models, runs, store
 from engine.attribute import BuildConfig, projector_for
 from engine.trak import (
+    CheckpointStack,
     ClipMargin,
     SelectiveGradientComputer,
     SimulatedBatch,
     select_parameters,
 )
+
+# A new query differentiates every checkpoint in one vmap (CheckpointStack) when their weights
+# together are at most this many numbers (a second copy of them is kept); else one by one.
+STACK_MAX_ELEMENTS = 200_000_000
 
 
 @dataclass
@@ -176,6 +181,9 @@ class QueryEngine:
                 }
             )
         self.out_to_loss = np.asarray(out_to_loss, dtype=np.float32)  # (n_train,)
+        self.stack = None  # every checkpoint in one vmap when their weights are small enough
+        if CheckpointStack.elements(self.bundle.model, len(loaded)) <= STACK_MAX_ELEMENTS:
+            self.stack = CheckpointStack([item["computer"] for item in loaded])
         self._models = loaded
         return loaded
 
@@ -191,8 +199,55 @@ class QueryEngine:
         loaded = self._load_models()
         x = self.bundle.preprocess(image).unsqueeze(0).to(self.device)  # (1, 3, H, W)
         t = data.tokenize(self.bundle.tokenizer, [caption.strip()]).to(self.device)  # (1, L)
-        grads, images, sims, margins = [], [], [], []
         t0 = time.perf_counter()
+        if self.stack is not None:
+            grads, images, sims, margins = self._stacked_gradients(loaded, x[0], t[0])
+        else:
+            grads, images, sims, margins = self._gradients(loaded, x, t)
+        t1 = time.perf_counter()
+        if self.projector.dense_projector is None:
+            # One projection for all checkpoints: the matrix is read from memory once.
+            projected = self.projector.project(grads, model_id=0)  # (M, k)
+        else:  # traker's CudaProjector draws a different matrix per checkpoint
+            projected = torch.cat(
+                [self.projector.project(_row(grads, m), model_id=m) for m in range(len(loaded))]
+            )
+        projected = projected / self.normalize
+        info = {
+            "clip_similarity": float(np.mean(sims)),
+            "margin": float(np.mean(margins)),
+            "timings": {"gradient": t1 - t0, "projection": time.perf_counter() - t1},
+        }
+        return projected.cpu().numpy(), embed.ensemble(images)[0], info
+
+    def _stacked_gradients(
+        self, loaded: list[dict[str, Any]], x: torch.Tensor, t: torch.Tensor
+    ) -> tuple[dict[str, Any], list[np.ndarray], list[float], list[float]]:
+        """Every checkpoint's gradient, embeddings, similarity and margin in one vmap each."""
+        assert self.stack is not None
+        sim = [
+            item["task"]._sim(self.sim.for_targets(1, m).to(self.device))
+            for m, item in enumerate(loaded)
+        ]
+        sim_img = torch.cat([s[0] for s in sim])  # (M, S, d)
+        sim_txt = torch.cat([s[1] for s in sim])
+        grads = self.stack.margin_grads(x, t, sim_img, sim_txt)
+        img, txt = self.stack.embeddings(x, t)  # (M, d) each
+        img_np, txt_np = img.cpu().numpy(), txt.cpu().numpy()
+        margins = embed.clip_margin(img_np, txt_np, sim_img.cpu().numpy(), sim_txt.cpu().numpy())
+        sims = (img_np * txt_np).sum(1)
+        return (
+            grads,
+            [img_np[m : m + 1] for m in range(len(loaded))],
+            sims.tolist(),
+            margins.tolist(),
+        )
+
+    def _gradients(
+        self, loaded: list[dict[str, Any]], x: torch.Tensor, t: torch.Tensor
+    ) -> tuple[dict[str, Any], list[np.ndarray], list[float], list[float]]:
+        """One checkpoint after another (large models: no second copy of every weight)."""
+        grads, images, sims, margins = [], [], [], []
         for m, item in enumerate(loaded):
             sim_idx = self.sim.for_targets(1, m).to(self.device)  # the build's target batch
             grads.append(item["computer"].compute_per_sample_grad((x, t, sim_idx)))
@@ -207,28 +262,12 @@ class QueryEngine:
                     )[0]
                 )
             )
-        t1 = time.perf_counter()
-        if self.projector.dense_projector is None:
-            # One projection for all checkpoints: the matrix is read from memory once.
-            stacked = {
-                "dense": {n: torch.cat([g["dense"][n] for g in grads]) for n in grads[0]["dense"]},
-                "token": None
-                if grads[0]["token"] is None
-                else torch.cat([g["token"] for g in grads]),
-                "ids": torch.cat([g["ids"] for g in grads]),
-            }
-            projected = self.projector.project(stacked, model_id=0)  # (M, k)
-        else:  # traker's CudaProjector draws a different matrix per checkpoint
-            projected = torch.cat(
-                [self.projector.project(g, model_id=m) for m, g in enumerate(grads)]
-            )
-        projected = projected / self.normalize
-        info = {
-            "clip_similarity": float(np.mean(sims)),
-            "margin": float(np.mean(margins)),
-            "timings": {"gradient": t1 - t0, "projection": time.perf_counter() - t1},
+        stacked = {
+            "dense": {n: torch.cat([g["dense"][n] for g in grads]) for n in grads[0]["dense"]},
+            "token": None if grads[0]["token"] is None else torch.cat([g["token"] for g in grads]),
+            "ids": torch.cat([g["ids"] for g in grads]),
         }
-        return projected.cpu().numpy(), embed.ensemble(images)[0], info
+        return stacked, images, sims, margins
 
     def query(
         self, image: Image.Image | str | os.PathLike | bytes, caption: str, k: int = 10
@@ -305,3 +344,12 @@ class QueryEngine:
             train_similarity=similarity.astype(np.float32),
             **extra,
         )
+
+
+def _row(grads: dict[str, Any], m: int) -> dict[str, Any]:
+    """Checkpoint m's gradients out of the stacked ones."""
+    return {
+        "dense": {n: g[m : m + 1] for n, g in grads["dense"].items()},
+        "token": None if grads["token"] is None else grads["token"][m : m + 1],
+        "ids": grads["ids"][m : m + 1],
+    }

@@ -287,6 +287,100 @@ class SelectiveGradientComputer(AbstractGradientComputer):
         )
 
 
+class CheckpointStack:
+    """The weights of M checkpoints of one architecture stacked along a first dimension, to
+    compute one pair's margin gradient at every checkpoint in one ``vmap`` (a new query): for a
+    small model the per-call overhead, not the arithmetic, dominates a gradient of one pair.
+
+    ``computer`` is the ``SelectiveGradientComputer`` of any of the checkpoints (its model,
+    attributed parameters and margin function are used, not its weights).
+    """
+
+    def __init__(self, computers: list[SelectiveGradientComputer]) -> None:
+        self.computer = computers[0]
+        self.params = {
+            n: torch.stack([c.params[n] for c in computers]) for n in computers[0].params
+        }
+        self.buffers = {
+            n: torch.stack([c.buffers[n] for c in computers]) for n in computers[0].buffers
+        }
+        self.n_models = len(computers)
+
+    @staticmethod
+    def elements(model: torch.nn.Module, n_models: int) -> int:
+        """Numbers a stack of ``n_models`` checkpoints of ``model`` holds."""
+        return n_models * sum(p.numel() for p in model.parameters())
+
+    def _output(
+        self,
+        dense: dict[str, Tensor],
+        offset: Tensor | None,
+        rest: dict[str, Tensor],
+        buffers: dict[str, Tensor],
+        image: Tensor,
+        text: Tensor,
+        sim_image: Tensor,
+        sim_text: Tensor,
+    ) -> Tensor:
+        c = self.computer
+        c._offset = offset
+        return c.modelout_fn.get_output(
+            c.model, {**rest, **dense}, buffers, image, text, sim_image, sim_text
+        )
+
+    def margin_grads(
+        self, image: Tensor, text: Tensor, sim_image: Tensor, sim_text: Tensor
+    ) -> dict[str, Any]:
+        """Gradients of one pair's margin at every checkpoint.
+
+        Args:
+            image: (3, H, W); text: (L,) token ids; sim_image, sim_text: (M, S, d) the
+                simulated batch's embeddings at each checkpoint.
+
+        Returns:
+            ``SelectiveGradientComputer.compute_per_sample_grad``'s dict with the M checkpoints
+            as its batch: ``{"dense": {name: (M, *shape)}, "token": (M, L, width) or None,
+            "ids": (M, L)}``.
+        """
+        c = self.computer
+        dense = {n: self.params[n] for n in c.dense_names}
+        rest = {n: p for n, p in self.params.items() if n not in dense}
+        offset = None
+        if c.token_name is not None:
+            width = self.params[c.token_name].shape[-1]
+            offset = torch.zeros(self.n_models, text.shape[0], width, device=text.device)
+        grad_fn = torch.func.grad(self._output, argnums=(0, 1) if offset is not None else 0)
+        in_dims = (0, 0 if offset is not None else None, 0, 0, None, None, 0, 0)
+        with c._token_offset_hook(), sdpa_kernel(SDPBackend.MATH):
+            grads = torch.func.vmap(grad_fn, in_dims=in_dims)(
+                dense, offset, rest, self.buffers, image, text, sim_image, sim_text
+            )
+        ids = text.unsqueeze(0).expand(self.n_models, -1)
+        if offset is None:
+            return {"dense": grads, "token": None, "ids": ids}
+        return {"dense": grads[0], "token": grads[1], "ids": ids}
+
+    @torch.no_grad()
+    def embeddings(self, image: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
+        """(M, d) unit image and text embeddings of one pair ((3, H, W), (L,)) per checkpoint."""
+        model = self.computer.model
+
+        def forward(params: dict[str, Tensor], buffers: dict[str, Tensor]) -> tuple[Tensor, ...]:
+            out = torch.func.functional_call(
+                model, (params, buffers), args=(image.unsqueeze(0), text.unsqueeze(0))
+            )
+            return out[0][0], out[1][0]
+
+        # nn.MultiheadAttention's inference fast path has no vmap batching rule (a slow loop)
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            with sdpa_kernel(SDPBackend.MATH):
+                return torch.func.vmap(forward)(self.params, self.buffers)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
 class KeyedProjector(AbstractProjector):
     """Gaussian JL projection (entries N(0, 1/proj_dim)) in blocks keyed by parameter name.
 

@@ -102,3 +102,19 @@ def test_a_fast_jl_run_refuses_new_queries_on_cpu(run_dir, tmp_path):
     engine.for_val(engine.val[0]["id"])  # stored pairs still open
     with pytest.raises(store.RunError, match="--device cuda"):
         engine.query(run / engine.val[0]["image"], engine.val[0]["caption"])
+
+
+def test_checkpoints_in_one_vmap_equal_one_by_one(run_dir):
+    """The stacked path (every checkpoint in one vmap) and the loop give the same query."""
+    engine = QueryEngine.load(run_dir)
+    engine._load_models()
+    assert engine.stack is not None  # a tiny model: stacked
+    rec = engine.val[3]
+    image = data.open_query_image(run_dir / rec["image"])
+    stacked = engine.target_gradients(image, rec["caption"])
+    engine.stack = None
+    looped = engine.target_gradients(image, rec["caption"])
+    np.testing.assert_allclose(stacked[0], looped[0], rtol=1e-4, atol=1e-6 * abs(looped[0]).max())
+    np.testing.assert_allclose(stacked[1], looped[1], rtol=1e-5, atol=1e-6)
+    assert stacked[2]["margin"] == pytest.approx(looped[2]["margin"], abs=1e-5)
+    assert stacked[2]["clip_similarity"] == pytest.approx(looped[2]["clip_similarity"], abs=1e-6)

@@ -8,6 +8,7 @@ import torch
 
 from engine import models
 from engine.trak import (
+    CheckpointStack,
     ClipMargin,
     KeyedProjector,
     RegularizedScoreComputer,
@@ -143,3 +144,40 @@ def test_score_computer_regularises_a_rank_deficient_xtx(caplog):
             x, xtx + 1e-9 * torch.eye(64, dtype=torch.float64)
         )
     assert "badly conditioned (rank 40 of 64 over 40 training pairs" in caplog.text
+
+
+@pytest.mark.parametrize("grad_params", ["all", "no-token-embedding"])
+def test_checkpoint_stack_equals_each_checkpoint_alone(tensors, checkpoints, grad_params):
+    """One pair's gradients at every checkpoint in one vmap equal each checkpoint's own, the
+    token embedding's looked-up rows included."""
+    images, tokens = tensors["train"]
+    computers, sims = [], []
+    for m, path in enumerate(checkpoints):
+        model = models.load_into(models.create("trakview-tiny").model, path)
+        with torch.no_grad():
+            img_emb, txt_emb, _ = model(images, tokens)
+        task = ClipMargin()
+        task.set_embeddings(img_emb, txt_emb)
+        names = select_parameters(model, grad_params)
+        computers.append(
+            SelectiveGradientComputer(model, task, 0, torch.float32, "cpu", grad_wrt=names)
+        )
+        sims.append(task._sim(SimulatedBatch(len(images), 30, seed=0).for_targets(1, m)))
+    stack = CheckpointStack(computers)
+    x, t = images[9], tokens[9]
+    got = stack.margin_grads(x, t, torch.cat([s[0] for s in sims]), torch.cat([s[1] for s in sims]))
+    img, txt = stack.embeddings(x, t)
+    for m, computer in enumerate(computers):
+        sim_idx = SimulatedBatch(len(images), 30, seed=0).for_targets(1, m)
+        alone = computer.compute_per_sample_grad((x[None], t[None], sim_idx))
+        for name, g in alone["dense"].items():
+            torch.testing.assert_close(got["dense"][name][m], g[0], rtol=1e-4, atol=1e-6)
+        if grad_params == "all":
+            torch.testing.assert_close(got["token"][m], alone["token"][0], rtol=1e-4, atol=1e-6)
+        else:
+            assert got["token"] is None and alone["token"] is None
+        with torch.no_grad():
+            ref_img, ref_txt, _ = computer.model(x[None], t[None])
+        torch.testing.assert_close(img[m], ref_img[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(txt[m], ref_txt[0], rtol=1e-5, atol=1e-6)
+    assert torch.equal(got["ids"], t.expand(len(computers), -1))
