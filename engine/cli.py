@@ -290,6 +290,10 @@ def train(
 
     _setup_logging(verbose)
     kept = _epoch_list(save_epochs, epochs)
+    if jobs < 0:
+        raise typer.BadParameter(
+            f"must be 0 (auto) or a number of processes, got {jobs}", param_hint="--jobs"
+        )
     options = sources.SourceOptions(
         data_format, img_key, caption_key, id_key, csv_separator, coco_captions
     )
@@ -440,10 +444,10 @@ def build(
     options = sources.SourceOptions(
         data_format, img_key, caption_key, id_key, csv_separator, coco_captions
     )
+    runner = executors.make(executor, ray_address, gpus_per_task, jobs=jobs)  # before any reading
     train_pairs, val_pairs = _read_sources(train_data, val_data, val_fraction, split_seed, options)
     if val_pairs is None:
         raise data.DataError("give --val-data, or --val-fraction to split --train-data")
-    runner = executors.make(executor, ray_address, gpus_per_task, jobs=jobs)
     cfg = attribute.BuildConfig(
         model=model,
         checkpoints=_checkpoints(model, checkpoint, checkpoints_dir, epochs, pretrained),

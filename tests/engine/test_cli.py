@@ -53,6 +53,16 @@ def test_errors_are_one_line(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     said = " ".join(result.stderr.replace("│", " ").split())  # typer boxes and wraps it
     assert "--save-epochs" in said and "[20] outside 1..15" in said
+    result = trakview(
+        "build", "--train-data", "t.jsonl", "--val-data", "v.jsonl", "--checkpoint", "x.pt",
+        "--out", str(tmp_path / "r"), "--executor", "ray", "--jobs", "2",
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: --jobs applies to --executor local only" in result.stderr
+    result = trakview("train", "--train-data", "x.jsonl", "--out", str(tmp_path), "--jobs", "-1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    said = " ".join(result.stderr.replace("│", " ").split())
+    assert "--jobs" in said and "must be 0 (auto) or a number of processes, got -1" in said
     result = trakview("demo", "--out", str(tmp_path), "--epochs", "2", "--snapshots", "3")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     said = " ".join(result.stderr.replace("│", " ").split())
