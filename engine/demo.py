@@ -29,7 +29,7 @@ class DemoConfig:
     n_val: int = 300  # validation pairs of the world
     members: int = 4  # independently trained CLIP models
     epochs: int = 15  # epochs per model
-    snapshots: int = 1  # checkpoints attributed per model: its last epoch and evenly spaced ones
+    snapshots: int = 3  # checkpoints attributed per model: its last epoch and evenly spaced ones
     lr: float = 3e-3  # peak learning rate
     model: str = "trakview-tiny"  # architecture
     seed: int = 0  # world, training and attribution seed

@@ -15,9 +15,9 @@ cluster.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -62,7 +62,7 @@ def _todo(plan: list[graph.Unit], out: Path) -> list[graph.Unit]:
 def auto_jobs(plan: list[graph.Unit], cfg: BuildConfig, cpus: int | None = None) -> int:
     """Processes for ``LocalExecutor(jobs=0)``: one on a GPU or for a small build, else one per
     CPU core, at most ``MAX_AUTO_JOBS`` and at most one per checkpoint."""
-    cpus = cpus or os.cpu_count() or 1
+    cpus = cpus or workers.cpus()
     gradients = sum(u.rows[1] - u.rows[0] for u in plan if u.kind == "featurize")
     if cfg.device != "cpu" or gradients < PARALLEL_MIN_GRADIENTS:
         return 1
@@ -125,8 +125,7 @@ class LocalExecutor:
         done = {u.id for u in plan} - {u.id for u in todo}
         waiting = list(todo)
         running: dict[Future, graph.Unit] = {}
-        pool = workers.Pool(jobs, threads, _start_local_worker, (str(out), cfg))
-        try:
+        with workers.Pool(jobs, threads, _start_local_worker, (str(out), cfg)) as pool:
             while waiting or running:
                 for unit in [u for u in waiting if all(d in done for d in u.deps)]:
                     if len(running) >= jobs:
@@ -139,12 +138,16 @@ class LocalExecutor:
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in finished:
                     unit = running.pop(future)
-                    future.result()  # a unit's error stops the build (finished units are kept)
+                    try:  # a unit's error stops the build at once (finished units are kept)
+                        future.result()
+                    except BrokenProcessPool as err:
+                        raise RuntimeError(
+                            f"a worker process died while running {unit.id} (out of memory?); "
+                            "run the build again to resume it, with fewer --jobs"
+                        ) from err
                     done.add(unit.id)
                     bar.set_postfix_str(unit.id)
                     bar.update(1)
-        finally:
-            pool.close()
 
 
 _WORKER_CONTEXT: units.WorkContext | None = None  # a local worker process's, for the whole build

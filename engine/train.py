@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import queue
 import time
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import open_clip
 import torch
 from tqdm.auto import tqdm
@@ -196,7 +196,7 @@ def auto_jobs(cfg: TrainConfig, n_images: int, members: int, device: str, nbytes
         return 1
     if nbytes > PARALLEL_MAX_BYTES:
         return 1
-    return max(1, min(os.cpu_count() or 1, MAX_AUTO_JOBS, members))
+    return max(1, min(workers.cpus(), MAX_AUTO_JOBS, members))
 
 
 def train_ensemble(
@@ -255,27 +255,35 @@ def _train_side_by_side(
     jobs: int,
 ) -> None:
     """``todo`` members in ``jobs`` processes; one progress bar over all their steps."""
-    steps = max(1, images.shape[0] // cfg.batch_size) * cfg.epochs
+    per_epoch = max(1, images.shape[0] // cfg.batch_size)
+    resumed = 0  # steps that members resuming from epoch_latest.pt have done already
+    for m in todo:
+        latest = member_dir(out, m) / "epoch_latest.pt"
+        if latest.is_file():
+            resumed += int(models.read_checkpoint_meta(latest)["epoch"]) * per_epoch
+    # numpy arrays are pickled by value: a torch tensor would go through /dev/shm, which
+    # containers often keep small
+    x, t = images.numpy(), tokens.numpy()
     progress = workers.queue()
-    pool = workers.Pool(
-        jobs, workers.threads_per_job(jobs, cfg.threads), _set_progress_queue, (progress,)
+    threads = workers.threads_per_job(jobs, cfg.threads)
+    bar = tqdm(
+        total=per_epoch * cfg.epochs * len(todo),
+        initial=resumed,
+        desc=f"training {len(todo)} members ({jobs} processes)",
+        unit="step",
     )
-    bar = tqdm(total=steps * len(todo), desc=f"training {len(todo)} members", unit="step")
-    try:
-        futures = [
-            pool.submit(_train_in_worker, images, tokens, cfg, m, str(out), device) for m in todo
-        ]
-        while True:
+    with bar, workers.Pool(jobs, threads, _set_progress_queue, (progress,)) as pool:
+        futures = [pool.submit(_train_in_worker, x, t, cfg, m, str(out), device) for m in todo]
+        while not all(f.done() for f in futures):
             with contextlib.suppress(queue.Empty):
                 bar.update(progress.get(timeout=0.5))
             for f in futures:
-                if f.done():
-                    f.result()  # a member's error stops the training (finished ones are kept)
-            if all(f.done() for f in futures):
-                break
-    finally:
-        pool.close()
-        bar.close()
+                if f.done() and f.exception() is not None:
+                    f.result()  # a member's error stops the training at once (finished kept)
+        for f in futures:
+            f.result()
+        bar.update(bar.total - bar.n)  # steps still in the queue
+    progress.close()
 
 
 _PROGRESS: Any = None  # a training worker's queue of steps done, to the parent's progress bar
@@ -287,8 +295,8 @@ def _set_progress_queue(progress: Any) -> None:
 
 
 def _train_in_worker(
-    images: torch.Tensor,
-    tokens: torch.Tensor,
+    images: np.ndarray,
+    tokens: np.ndarray,
     cfg: TrainConfig,
     member: int,
     out: str,
@@ -296,6 +304,13 @@ def _train_in_worker(
 ) -> str:
     """A worker's member: ``train_member`` reporting its steps to the parent's bar."""
     path = train_member(
-        images, tokens, cfg, member, Path(out), device, progress=False, on_step=_PROGRESS.put
+        torch.from_numpy(images),
+        torch.from_numpy(tokens),
+        cfg,
+        member,
+        Path(out),
+        device,
+        progress=False,
+        on_step=_PROGRESS.put,
     )
     return str(path)

@@ -2,7 +2,7 @@
 
 A tiny CLIP model's per-sample gradients or training steps keep one CPU thread busy but gain
 little from a second: on 2 cores, two single-threaded processes do nearly twice the work of one
-process with two threads (BENCHMARKS.md). ``pool`` starts such processes with ``spawn`` (a fork
+process with two threads (BENCHMARKS.md). ``Pool`` starts such processes with ``spawn`` (a fork
 would copy torch's thread pools) and without the caller's ``__main__``, so a user's script that
 calls trakview needs no ``if __name__ == "__main__"`` guard.
 """
@@ -14,6 +14,7 @@ import logging
 import multiprocessing
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any
@@ -24,9 +25,16 @@ def queue() -> Any:
     return multiprocessing.get_context("spawn").Queue()
 
 
+def cpus() -> int:
+    """CPUs this process may use (its affinity, e.g. a container's limit), else the count."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def threads_per_job(jobs: int, threads: int = 0) -> int:
-    """Torch threads of each of ``jobs`` processes: ``threads``, or the CPU count shared out."""
-    return threads or max(1, (os.cpu_count() or 1) // max(1, jobs))
+    """Torch threads of each of ``jobs`` processes: ``threads``, or the CPUs shared out."""
+    return threads or max(1, cpus() // max(1, jobs))
 
 
 class Pool:
@@ -55,11 +63,25 @@ class Pool:
         """Waits for the running work; work not started yet is cancelled."""
         self._pool.shutdown(wait=True, cancel_futures=True)
 
+    def abort(self) -> None:
+        """Stops at once (an error or an interrupt): work not started is cancelled and the
+        worker processes are terminated. Finished work is kept: it was written atomically."""
+        processes = list(getattr(self._pool, "_processes", {}).values())
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        for process in processes:
+            process.join(timeout=10)
+
     def __enter__(self) -> Pool:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 def _start_worker(
@@ -76,17 +98,21 @@ def _start_worker(
         initializer(*initargs)
 
 
+_MAIN_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def _main_hidden() -> Iterator[None]:
     """Starts processes without the caller's ``__main__``: a spawned process runs the main
     script again unless it is guarded by ``if __name__ == "__main__"``. trakview's work needs
     only its own modules."""
-    main = sys.modules["__main__"]
-    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
-    main.__dict__.pop("__file__", None)
-    main.__spec__ = None
-    try:
-        yield
-    finally:
-        main.__dict__.pop("__spec__", None)
-        main.__dict__.update(saved)
+    with _MAIN_LOCK:  # two threads starting workers at once must not interleave
+        main = sys.modules["__main__"]
+        saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
+        main.__dict__.pop("__file__", None)
+        main.__spec__ = None
+        try:
+            yield
+        finally:
+            main.__dict__.pop("__spec__", None)
+            main.__dict__.update(saved)
