@@ -30,7 +30,7 @@ import torch
 from trak import TRAKer
 from trak.modelout_functions import CLIPModelOutput
 
-from bench_common import machine, write_section
+from bench_common import BENCHMARKS, machine, write_section
 from engine import attribute, data, demo, evalstats, evaluate, models, retrain, runs, store, train
 from engine.trak import RegularizedScoreComputer, select_parameters
 
@@ -228,6 +228,28 @@ LABELS = {
     "random": "random",
 }
 REMOVED = {"trak": "top-k TRAK", "clip-pair": "top-k CLIP pair similarity", "random": "k random"}
+
+
+def pending_removal() -> str:
+    """While the removal experiment runs: the last finished one's table, marked as such."""
+    text = BENCHMARKS.read_text() if BENCHMARKS.is_file() else ""
+    head, tail = (
+        "\n\n#### Removal: retrained without k training pairs",
+        "\n\nWhat these figures say",
+    )
+    start = text.find(head, text.find("<!-- bench_eval:start -->"))
+    end = text.find(tail, start)
+    last = text[start + len(head) : end] if start >= 0 and end > start else ""
+    if last.startswith(" (the last finished run"):  # already a pending copy
+        last = last.split("\n\n", 2)[-1]
+    return (
+        f"{head} (the last finished run, at earlier settings)\n\nThe removal experiment has "
+        "not finished at the settings above (skipped with `--skip-removal`, or stopped: it "
+        "trains 121 models of 3000 pairs, 86 min the last time); `python bench/bench_eval.py` "
+        "runs it, continuing from its cached models. Until then, the table of the last finished "
+        "run, with the TRAK scores of the demo's earlier default (the final checkpoint of each "
+        "model, M = 4)." + ("\n\n" + last.lstrip("\n") if last else "")
+    )
 
 
 def verdicts(result: dict, name: str) -> list[str]:
@@ -438,8 +460,10 @@ def main() -> None:
         for m in ms:
             scores[f"M={m}"] = evaluate.store_trak_scores(run_m, list(range(m)))
         for k in [int(p) for p in args.proj_dims.split(",")]:
-            if k == proj_default:
-                scores[f"proj_dim={k}"] = scores["trak"]
+            if k == proj_default:  # the final checkpoints of the demo's models: M=members
+                scores[f"proj_dim={k}"] = evaluate.store_trak_scores(
+                    run_m, list(range(dcfg.members))
+                )
                 continue
             out, _ = variant_run(
                 args.demo, work / f"run-p{k}", ckpts[: dcfg.members], dcfg.seed, proj_dim=k
@@ -447,12 +471,14 @@ def main() -> None:
             scores[f"proj_dim={k}"] = store.load_npy(store.scores_path(out))
         snaps = [int(v) for v in args.snapshots.split(",")]
         snap_runs: dict[int, Path] = {}
-        traj = trajectory_members(
-            args.demo,
-            work,
-            dcfg,
-            sorted({e for n in snaps for e in train.snapshot_epochs(dcfg.epochs, n)}),
-        )
+        traj = work / "traj"
+        if set(snaps) - {dcfg.snapshots}:  # other snapshot counts: their epochs of the models
+            traj = trajectory_members(
+                args.demo,
+                work,
+                dcfg,
+                sorted({e for n in snaps for e in train.snapshot_epochs(dcfg.epochs, n)}),
+            )
         for n in snaps:
             epochs = train.snapshot_epochs(dcfg.epochs, n)
             name = f"snapshots={n} (epochs {','.join(map(str, epochs))})"
@@ -479,7 +505,7 @@ def main() -> None:
         order = sorted(res_big, key=lambda k: -res_big[k]["lds"])
         at_max_m = [(f"{LABELS[k]} (M={max(ms)})", *fmt_lds(res_big[k])) for k in order]
         lines += verdicts(res_big, f"M={max(ms)}")
-        if snap_runs:  # every method again on the run with the most snapshots per model
+        if snap_runs and max(snap_runs) > dcfg.snapshots:  # every method again, more snapshots
             n_s = max(snap_runs)
             srun = snap_runs[n_s]
             big_s = evaluate.method_scores(srun, list(evaluate.METHODS))
@@ -528,6 +554,9 @@ def main() -> None:
             f"held out: subsets {args.subsets}-{args.more_subsets - 1}": slice(args.subsets, None),
         }
         more_scores = {k: scores[k] for k in main_keys}
+        for k in scores:  # the other snapshot counts: was the default's choice made on noise?
+            if k.startswith("snapshots=") and not k.startswith(f"snapshots={dcfg.snapshots} "):
+                more_scores[k] = scores[k]
         if at_snap:  # the snapshot run and its own gradient dot product, on the new subsets too
             more_scores[f"TRAK, {tag}"] = big_s["trak"]
             more_scores[f"gradient dot product, {tag}"] = big_s["grad-dot"]
@@ -576,13 +605,7 @@ def main() -> None:
             )
         )
 
-    # 3. removal
-    removal_md = ""
-    if not args.skip_removal:
-        removal_md, removal_lines = removal_section(run, args, tcfg, work)
-        lines += removal_lines
-
-    # 4. BENCHMARKS.md
+    # 3. BENCHMARKS.md, written now and again with the removal experiment (which takes longest)
     note = (
         f"Default demo (`trakview demo`: {manifest['counts']['n_train']} train / "
         f"{manifest['counts']['n_val']} val pairs, {dcfg.members} x {dcfg.model} trained "
@@ -627,7 +650,7 @@ def main() -> None:
             f"trained models (the demo's {dcfg.members} and {max(ms) - dcfg.members} more, "
             f"the demo's trainer, seeds {dcfg.members}-{max(ms) - 1}), proj_dim {proj_default}. "
             f"snapshots=S: the demo's {dcfg.members} models with S checkpoints of each along "
-            f"training ({n_default} checkpoints: the default). proj_dim: the final checkpoints "
+            f"training (S={dcfg.snapshots}, {n_default} checkpoints: the default). proj_dim: the final checkpoints "
             f"of the demo's {dcfg.members} models (compare with M={dcfg.members}). lambda_rel: "
             "the demo run's store re-finalized (default 1e-3). Same subset models and resamples as above; the last column is the default "
             "minus the variant.\n\n"
@@ -652,13 +675,27 @@ def main() -> None:
             + md_table(("method", "LDS", "95% interval", "TRAK minus method [95%]"), at_snap)
         )
     body += more_md
-    body += removal_md
-    body += "\n\nWhat these figures say (generated from them):\n\n" + "\n".join(
-        f"- {line}" for line in lines
-    )
-    print("\n".join(lines))
+
+    def section(removal_md: str, more_lines: list[str]) -> str:
+        return (
+            body
+            + removal_md
+            + "\n\nWhat these figures say (generated from them):\n\n"
+            + "\n".join(f"- {line}" for line in lines + more_lines)
+        )
+
     if not args.quick:
-        write_section("bench_eval", body)
+        pending = pending_removal()  # read before the write replaces it
+        write_section("bench_eval", section(pending, []))
+
+    # 4. removal
+    if args.skip_removal:  # the section keeps the last finished removal table, marked as such
+        print("\n".join(lines))
+        return
+    removal_md, removal_lines = removal_section(run, args, tcfg, work)
+    print("\n".join(lines + removal_lines))
+    if not args.quick:
+        write_section("bench_eval", section(removal_md, removal_lines))
 
 
 if __name__ == "__main__":
