@@ -36,7 +36,6 @@ WAIT_WARNING_SECONDS = 600  # a warning when no unit finishes for this long (a s
 # Below this many (training pair, checkpoint) gradients a build stays in one process: starting a
 # worker process (importing torch, making the model) costs a few seconds.
 PARALLEL_MIN_GRADIENTS = 5000
-MAX_AUTO_JOBS = 4
 
 
 class ExecutorError(ValueError):
@@ -61,12 +60,12 @@ def _todo(plan: list[graph.Unit], out: Path) -> list[graph.Unit]:
 
 def auto_jobs(plan: list[graph.Unit], cfg: BuildConfig, cpus: int | None = None) -> int:
     """Processes for ``LocalExecutor(jobs=0)``: one on a GPU or for a small build, else one per
-    CPU core, at most ``MAX_AUTO_JOBS`` and at most one per checkpoint."""
+    CPU core, at most ``workers.MAX_AUTO_JOBS`` and at most one per checkpoint."""
     cpus = cpus or workers.cpus()
     gradients = sum(u.rows[1] - u.rows[0] for u in plan if u.kind == "featurize")
     if cfg.device != "cpu" or gradients < PARALLEL_MIN_GRADIENTS:
         return 1
-    return max(1, min(cpus, MAX_AUTO_JOBS, len(cfg.checkpoints)))
+    return max(1, min(cpus, workers.MAX_AUTO_JOBS, len(cfg.checkpoints)))
 
 
 @dataclass

@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 # a worker process costs a few seconds. Up to this many bytes of images are copied to each.
 PARALLEL_MIN_SAMPLES = 10_000
 PARALLEL_MAX_BYTES = 1 << 30
-MAX_AUTO_JOBS = 4
 
 
 @dataclass
@@ -190,13 +189,13 @@ def train_member(
 
 def auto_jobs(cfg: TrainConfig, n_images: int, members: int, device: str, nbytes: int) -> int:
     """Members trained side by side for ``jobs=0``: on a CPU, one per core (at most
-    ``MAX_AUTO_JOBS``) when there are several members, enough work to pay for starting the
+    ``workers.MAX_AUTO_JOBS``) when there are several members, enough work to pay for starting the
     processes, and images small enough to copy to each; else one."""
     if device != "cpu" or members < 2 or n_images * cfg.epochs < PARALLEL_MIN_SAMPLES:
         return 1
     if nbytes > PARALLEL_MAX_BYTES:
         return 1
-    return max(1, min(workers.cpus(), MAX_AUTO_JOBS, members))
+    return max(1, min(workers.cpus(), workers.MAX_AUTO_JOBS, members))
 
 
 def train_ensemble(

@@ -250,10 +250,26 @@ class SelectiveGradientComputer(AbstractGradientComputer):
         sim_image: Tensor,
         sim_text: Tensor,
     ) -> Tensor:
+        return self.output_with(
+            dense, offset, self.params, self.buffers, image, text, sim_image, sim_text
+        )
+
+    def output_with(
+        self,
+        dense: dict[str, Tensor],
+        offset: Tensor | None,
+        params: dict[str, Tensor],
+        buffers: dict[str, Tensor],
+        image: Tensor,
+        text: Tensor,
+        sim_image: Tensor,
+        sim_text: Tensor,
+    ) -> Tensor:
+        """The margin with the attributed weights ``dense`` (and the token-embedding ``offset``)
+        over the other ``params`` and ``buffers``: the function both gradients differentiate."""
         self._offset = offset
-        weights = {**self.params, **dense}
         return self.modelout_fn.get_output(
-            self.model, weights, self.buffers, image, text, sim_image, sim_text
+            self.model, {**params, **dense}, buffers, image, text, sim_image, sim_text
         )
 
     def _on_device(self, batch: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
@@ -311,23 +327,6 @@ class CheckpointStack:
         """Numbers a stack of ``n_models`` checkpoints of ``model`` holds."""
         return n_models * sum(p.numel() for p in model.parameters())
 
-    def _output(
-        self,
-        dense: dict[str, Tensor],
-        offset: Tensor | None,
-        rest: dict[str, Tensor],
-        buffers: dict[str, Tensor],
-        image: Tensor,
-        text: Tensor,
-        sim_image: Tensor,
-        sim_text: Tensor,
-    ) -> Tensor:
-        c = self.computer
-        c._offset = offset
-        return c.modelout_fn.get_output(
-            c.model, {**rest, **dense}, buffers, image, text, sim_image, sim_text
-        )
-
     def margin_grads(
         self, image: Tensor, text: Tensor, sim_image: Tensor, sim_text: Tensor
     ) -> dict[str, Any]:
@@ -349,7 +348,7 @@ class CheckpointStack:
         if c.token_name is not None:
             width = self.params[c.token_name].shape[-1]
             offset = torch.zeros(self.n_models, text.shape[0], width, device=text.device)
-        grad_fn = torch.func.grad(self._output, argnums=(0, 1) if offset is not None else 0)
+        grad_fn = torch.func.grad(c.output_with, argnums=(0, 1) if offset is not None else 0)
         in_dims = (0, 0 if offset is not None else None, 0, 0, None, None, 0, 0)
         with c._token_offset_hook(), sdpa_kernel(SDPBackend.MATH):
             grads = torch.func.vmap(grad_fn, in_dims=in_dims)(

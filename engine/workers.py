@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any
 
+MAX_AUTO_JOBS = 4  # processes an automatic choice starts at most (memory: a model each)
+
 
 def queue() -> Any:
     """A queue that ``Pool``'s workers can be given (in ``initargs``) to report to the parent."""

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from engine import executors, graph, store
+from engine import executors, graph, store, workers
 
 
 def test_plan_runs_every_unit_after_its_dependencies(monkeypatch):
@@ -113,7 +113,7 @@ def test_auto_jobs_keeps_small_and_gpu_builds_in_one_process(sharded_config):
     four = dataclasses.replace(sharded_config, checkpoints=sharded_config.checkpoints * 2)
     plan = graph.plan(n_train=3000, n_val=300, n_models=4, shard_size=20000)
     assert executors.auto_jobs(plan, four, cpus=2) == 2
-    assert executors.auto_jobs(plan, four, cpus=16) == executors.MAX_AUTO_JOBS == 4
+    assert executors.auto_jobs(plan, four, cpus=16) == workers.MAX_AUTO_JOBS == 4
     assert executors.auto_jobs(plan, sharded_config, cpus=16) == 2  # one job per checkpoint
     small = graph.plan(n_train=240, n_val=40, n_models=2, shard_size=20000)
     assert executors.auto_jobs(small, four, cpus=2) == 1
