@@ -186,6 +186,15 @@ def fmt_lds(m: dict) -> tuple[str, str, str]:
     )
 
 
+def shared_cores(timing: dict, workers: int) -> str:
+    """Whether other jobs ran beside a timed call: its own workers make a load of about
+    ``workers``; more than that by half a core, at the start or the end, means company."""
+    loads = [v for key in ("load_before", "load_after") for v in (timing.get(key) or [])[:1]]
+    if loads and max(loads) > workers + 0.5:
+        return "other jobs shared the cores"
+    return f"no other jobs to speak of (its own {workers} workers make a load of about {workers})"
+
+
 def load_text(load: list[float] | None) -> str:
     return "/".join(f"{v:.1f}" for v in load) if load else "not recorded"
 
@@ -625,8 +634,8 @@ def main() -> None:
             f"{lds_time['timings']['training_seconds']:.0f} s, {lcfg.workers or os.cpu_count()} "
             f"workers of one thread); target < 1800 s. Load average (1/5/15 min) "
             f"{load_text(lds_time['load_before'])} before, {load_text(lds_time['load_after'])} "
-            f"after: other jobs shared the 2 cores. Stock traker scores: "
-            f"{costs.get('stock', 'not run')}."
+            f"after: {shared_cores(lds_time, lcfg.workers or os.cpu_count())}. Stock traker "
+            f"scores: {costs.get('stock', 'not run')}."
         )
     else:
         wall = "The LDS evaluation was not timed from scratch here (run with --fresh)."
