@@ -628,13 +628,14 @@ def main() -> None:
         f"{machine()}. `python bench/bench_eval.py --fresh`"
     )
     if lds_time:
+        workers = lcfg.workers or os.cpu_count()
         wall = (
             f"Wall time of the LDS evaluation from scratch ({lds_time['models']} models trained, "
             f"{lds_time['date']}): **{lds_time['seconds']:.0f} s** (training "
-            f"{lds_time['timings']['training_seconds']:.0f} s, {lcfg.workers or os.cpu_count()} "
+            f"{lds_time['timings']['training_seconds']:.0f} s, {workers} "
             f"workers of one thread); target < 1800 s. Load average (1/5/15 min) "
             f"{load_text(lds_time['load_before'])} before, {load_text(lds_time['load_after'])} "
-            f"after: {shared_cores(lds_time, lcfg.workers or os.cpu_count())}. Stock traker "
+            f"after: {shared_cores(lds_time, workers)}. Stock traker "
             f"scores: {costs.get('stock', 'not run')}."
         )
     else:
