@@ -7,7 +7,7 @@ Starts ``trakview serve RUN`` on a free port, drives headless Chromium with play
 * new selection: a click on another pair's thumbnail until its galleries are complete.
 
 "Complete" means the header shows the new caption, every card of the helps / hurts / similar
-galleries (the ids expected from scores.npy and the CLIP embeddings) has its image loaded, and
+galleries (the ids the run's stored scores and CLIP embeddings give) has its image loaded, and
 no element is stale (Streamlit's rerun has finished, plots included). Prints a table and writes it
 into BENCHMARKS.md between ``<!-- bench_dashboard:start -->`` and ``<!-- bench_dashboard:end -->``.
 
@@ -17,15 +17,11 @@ into BENCHMARKS.md between ``<!-- bench_dashboard:start -->`` and ``<!-- bench_d
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime as dt
 import os
-import platform
-import re
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -34,12 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench_common import ROOT, arguments, machine, md_table, spread, write_section
+from engine.explore.run_data import RunData
 
-from engine import store  # noqa: E402
-
-START, END = "<!-- bench_dashboard:start -->", "<!-- bench_dashboard:end -->"
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -74,15 +67,11 @@ COMPLETE_JS = (
 )
 
 
-def expected_cards(run: Path, j: int) -> list[str]:
-    """CSS classes of the cards the page must show for validation row j."""
-    scores = np.load(run / "scores.npy", mmap_mode="r")
-    column = np.asarray(scores[:, j])
-    similarity = np.load(run / "train_image_emb.npy") @ np.load(run / "val_image_emb.npy")[j]
-    keys = [f"st-key-ex-pos-card-{i}" for i in np.argsort(-column, kind="stable")[:K]]
-    keys += [f"st-key-ex-neg-card-{i}" for i in np.argsort(column, kind="stable")[:K]]
-    keys += [f"st-key-ex-sim-card-{i}" for i in np.argsort(-similarity, kind="stable")[:K]]
-    return keys
+def expected_cards(run: RunData, j: int) -> list[str]:
+    """CSS classes of the cards the page must show for validation row j (its stored result)."""
+    result = run.for_val(str(run.val[j]["id"]), k=K)
+    groups = {"pos": result.positive, "neg": result.negative, "sim": result.similar}
+    return [f"st-key-ex-{key}-card-{c.index}" for key, cards in groups.items() for c in cards]
 
 
 def free_port() -> int:
@@ -149,9 +138,10 @@ def load(browser, url: str, val: dict, keys: list[str], timeout_ms: int) -> tupl
 def measure(run: Path, repeats: int) -> dict[str, list[tuple[float, float]]]:
     from playwright.sync_api import sync_playwright
 
-    val = store.read_jsonl(run / "val.jsonl")
+    data = RunData(run)
+    val = data.val
     picks = list(range(1, min(PICKER_PAGE, len(val))))  # on the picker's first page
-    keys = {j: expected_cards(run, j) for j in [0, *picks]}
+    keys = {j: expected_cards(data, j) for j in [0, *picks]}
     times: dict[str, list[tuple[float, float]]] = {
         "cold load (first after start)": [],
         "first load (new session)": [],
@@ -209,14 +199,15 @@ def screenshots(run: Path, out: Path, val_id: str, upload_image: Path, caption: 
     """Explore, Upload and Overview of the run as ``out/{explore,upload,overview}.png``."""
     from playwright.sync_api import sync_playwright
 
-    val = {str(r["id"]): r for r in store.read_jsonl(run / "val.jsonl")}[val_id]
-    j = [str(r["id"]) for r in store.read_jsonl(run / "val.jsonl")].index(val_id)
+    data = RunData(run)
+    j = data.val_position(val_id)
+    val = data.val[j]
     out.mkdir(parents=True, exist_ok=True)
     with serve(run) as url, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1600, "height": 1200})
         page.goto(f"{url}/?val={val_id}")
-        until_complete(page, time.perf_counter(), val, expected_cards(run, j), 180_000)
+        until_complete(page, time.perf_counter(), val, expected_cards(data, j), 180_000)
         full_height(page)
         save(page, out / "explore.png")
 
@@ -251,47 +242,39 @@ def screenshots(run: Path, out: Path, val_id: str, upload_image: Path, caption: 
 
 
 def table(run: Path, times: dict[str, list[tuple[float, float]]], load: tuple) -> str:
-    val = store.read_jsonl(run / "val.jsonl")
-    n_train = np.load(run / "scores.npy", mmap_mode="r").shape[0]
-    cpu = platform.processor() or platform.machine()
-    lines = [
-        "### Dashboard latency in a browser",
-        "",
-        f"`trakview serve` on {run} ({n_train} train, {len(val)} val pairs), headless Chromium "
-        f"(playwright), k = {K} per gallery. Galleries complete: the pair's caption and every "
-        "helps / hurts / similar card image loaded; whole page: also both plots drawn and "
-        f"nothing stale. {os.cpu_count()} "
-        f"cores ({cpu}), load average {load[0]:.1f} before / {load[1]:.1f} after (the machine "
-        f"is shared), {dt.date.today()}. `python bench/bench_dashboard.py`",
-        "",
-        "| measurement | galleries complete: median s | (min - max) | whole page with plots: "
-        "median s | (min - max) | repeats |",
-        "|---|---|---|---|---|---|",
-    ]
+    counts = RunData(run).manifest.counts
+    rows = []
     for name, values in times.items():
-        cells = []
-        for part in zip(*values, strict=True):
-            cells += [f"{statistics.median(part):.3f}", f"{min(part):.3f} - {max(part):.3f}"]
-        lines.append(f"| {name} | {' | '.join(cells)} | {len(values)} |")
-    return "\n".join(lines)
-
-
-def write_section(path: Path, text: str) -> None:
-    """Replaces this benchmark's section of BENCHMARKS.md (appends it if missing)."""
-    body = f"{START}\n{text}\n{END}"
-    old = path.read_text() if path.is_file() else "# Benchmarks\n"
-    if START in old and END in old:
-        new = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: body, old, flags=re.S)
-    else:
-        new = old.rstrip("\n") + "\n\n" + body + "\n"
-    path.write_text(new)
+        cells = [c for part in zip(*values, strict=True) for c in spread(part, digits=3)]
+        rows.append((name, *cells, len(values)))
+    header = (
+        "measurement",
+        "galleries complete: median s",
+        "(min - max)",
+        "whole page with plots: median s",
+        "(min - max)",
+        "repeats",
+    )
+    return "\n".join(
+        [
+            "### Dashboard latency in a browser",
+            "",
+            f"`trakview serve` on {run} ({counts.n_train} train, {counts.n_val} val pairs), "
+            f"headless Chromium (playwright), k = {K} per gallery. Galleries complete: the pair's "
+            "caption and every helps / hurts / similar card image loaded; whole page: also both "
+            f"plots drawn and nothing stale. {machine()}; load average {load[0]:.1f} before / "
+            f"{load[1]:.1f} after (the machine is shared), {dt.date.today()}. "
+            "`python bench/bench_dashboard.py`",
+            "",
+            md_table(header, rows),
+        ]
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = arguments(__doc__)
     parser.add_argument("--run", type=Path, default=Path("/tmp/demo-full/run"))
     parser.add_argument("--repeats", type=int, default=12, help="at least 10 for a median")
-    parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument(
         "--screenshots", type=Path, help="only save explore/upload/overview.png in this folder"
     )
@@ -314,7 +297,7 @@ def main() -> None:
     text = table(args.run, times, (before, os.getloadavg()[0]))
     print(text)
     if not args.no_write:
-        write_section(ROOT / "BENCHMARKS.md", text)
+        write_section("bench_dashboard", text)
 
 
 if __name__ == "__main__":

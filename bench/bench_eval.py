@@ -17,70 +17,77 @@ checkpoints, proj_dim, attributed parameters and simulated batch size as trakvie
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from trak import TRAKer
-from trak.modelout_functions import CLIPModelOutput
 
-from bench_common import BENCHMARKS, machine, write_section
-from engine import attribute, data, demo, evalstats, evaluate, models, retrain, runs, store, train
-from engine.trak import RegularizedScoreComputer, select_parameters
-
-QUICK = demo.DemoConfig(n_train=600, n_val=60, members=2, epochs=6)
-
-
-class StockClipOnCpu(CLIPModelOutput):
-    """traker's CLIPModelOutput with the one fix featurize needs: out-to-loss shaped (B, 1)."""
-
-    def get_out_to_loss_grad(self, model, weights, buffers, batch):
-        return super().get_out_to_loss_grad(model, weights, buffers, batch).reshape(-1, 1)
+from bench_common import (
+    QUICK_DEMO,
+    QUICK_DEMO_DIR,
+    arguments,
+    demo_pairs,
+    machine,
+    md_table,
+    read_section,
+    set_stock_embeddings,
+    stock_traker,
+    train_on,
+    write_section,
+)
+from engine import demo, files
+from engine.attribution.gradients import select_parameters
+from engine.attribution.scoring import RegularizedScoreComputer
+from engine.attribution.settings import BuildConfig
+from engine.build.orchestrate import build
+from engine.evaluate import stats
+from engine.evaluate.lds import LdsConfig, evaluate_lds, load_lds_cache
+from engine.evaluate.methods import METHODS, method_scores, store_trak_scores, trak_store_arrays
+from engine.evaluate.removal import RemoveConfig, evaluate_removal, sample_targets
+from engine.evaluate.retrain import load_inputs
+from engine.models import train
+from engine.models.checkpoints import read_state_dict
+from engine.models.factory import create
+from engine.run.layout import RunLayout
+from engine.run.manifest import open_manifest
 
 
 def _set_stock_embeddings(run: Path, m: int) -> None:
-    """What ``get_embeddings`` would store for checkpoint m, minus its hard-coded ``.cuda()``."""
-    img = torch.from_numpy(
-        store.load_npy(store.checkpoint_embeddings_path(run, "train", "image", m))
+    """Checkpoint m's training embeddings, as the stock pipeline reads them."""
+    layout = RunLayout(run)
+    img, txt = (
+        torch.from_numpy(files.load_npy(layout.checkpoint_embeddings("train", modality, m)))
+        for modality in ("image", "text")
     )
-    txt = torch.from_numpy(
-        store.load_npy(store.checkpoint_embeddings_path(run, "train", "text", m))
-    )
-    CLIPModelOutput.image_embeddings = img
-    CLIPModelOutput.text_embeddings = txt
-    CLIPModelOutput.num_computed_embeddings = len(img)
+    set_stock_embeddings(img, txt)
 
 
 def stock_scores(run: Path, save_dir: Path, batch: int = 50) -> tuple[np.ndarray, float]:
     """(n_train, n_val) scores of traker's stock CLIP pipeline on the run's checkpoints, seconds."""
-    manifest = runs.read_manifest(run)
-    cfg = manifest["config"]
-    torch.manual_seed(cfg["seed"])  # the stock simulated batch draws from torch's global RNG
-    tr_x, tr_t, va_x, va_t = (torch.from_numpy(a) for a in retrain.load_inputs(run, cfg["model"]))
-    model = models.create(cfg["model"]).model
-    names = select_parameters(model, cfg["grad_params"])
-    ckpts = [run / c["path"] for c in manifest["checkpoints"]]
+    manifest = open_manifest(run)
+    cfg = manifest.config
+    torch.manual_seed(cfg.seed)  # the stock simulated batch draws from torch's global RNG
+    tr_x, tr_t, va_x, va_t = (torch.from_numpy(a) for a in load_inputs(run, cfg.model))
+    model = create(cfg.model).model
+    ckpts = manifest.checkpoint_paths(run)
     t0 = time.perf_counter()
-    traker = TRAKer(
-        model=model,
-        task=StockClipOnCpu(simulated_batch_size=cfg["sim_batch_size"]),
-        train_set_size=len(tr_x),
-        save_dir=str(save_dir),
-        device="cpu",
-        proj_dim=cfg["proj_dim"],
-        use_half_precision=False,
-        grad_wrt=names,
-        logging_level=logging.ERROR,
+    traker = stock_traker(
+        model,
+        select_parameters(model, cfg.grad_params),
+        len(tr_x),
+        save_dir,
+        cfg.proj_dim,
+        cfg.sim_batch_size,
     )
     for m, path in enumerate(ckpts):
         _set_stock_embeddings(run, m)
-        traker.load_checkpoint(models.read_state_dict(path), model_id=m)
+        traker.load_checkpoint(read_state_dict(path), model_id=m)
         for s in range(0, len(tr_x), batch):
             n = min(batch, len(tr_x) - s)
             traker.featurize(batch=(tr_x[s : s + n], tr_t[s : s + n]), num_samples=n)
@@ -89,7 +96,7 @@ def stock_scores(run: Path, save_dir: Path, batch: int = 50) -> tuple[np.ndarray
         _set_stock_embeddings(run, m)
         traker.start_scoring_checkpoint(
             exp_name="val",
-            checkpoint=models.read_state_dict(path),
+            checkpoint=read_state_dict(path),
             model_id=m,
             num_targets=len(va_x),
         )
@@ -102,29 +109,21 @@ def stock_scores(run: Path, save_dir: Path, batch: int = 50) -> tuple[np.ndarray
 
 def lambda_scores(run: Path, n_models: int, lambda_rel: float) -> np.ndarray:
     """TRAK scores of the run's store, re-finalized with another relative ridge term."""
-    grads, val, otl = evaluate.trak_store_arrays(
-        run, range(n_models), ("grads", "val", "out_to_loss")
-    )
+    grads, val, otl = trak_store_arrays(run, range(n_models), ("grads", "val", "out_to_loss"))
     computer = RegularizedScoreComputer(torch.float32, "cpu", lambda_rel=lambda_rel)
     features = []
     for x in grads:
         x = torch.from_numpy(np.array(x))  # a writable copy of the memmap
         features.append(computer.get_x_xtx_inv(x, computer.get_xtx(x)).numpy())
-    return evalstats.trak_scores(features, val, otl)
+    return stats.trak_scores(features, val, otl)
 
 
-def variant_run(
-    demo_dir: Path, out: Path, checkpoints: list[Path], seed: int, **kw
-) -> tuple[Path, float]:
-    """A run of the demo's pairs with other checkpoints or settings (cached), and its build time."""
-    t0 = time.perf_counter()
-    cfg = attribute.BuildConfig(checkpoints=[str(p) for p in checkpoints], seed=seed, **kw)
-    train_pairs = data.read_pairs(demo_dir / "data" / "train.jsonl")
-    val_pairs = data.read_pairs(demo_dir / "data" / "val.jsonl")
-    if not store.manifest_path(out).is_file():
-        attribute.build(train_pairs, val_pairs, cfg, out)
-        return out, time.perf_counter() - t0
-    return out, float("nan")
+def variant_run(demo_dir: Path, out: Path, checkpoints: list[Path], seed: int, **kw) -> Path:
+    """A run of the demo's pairs with other checkpoints or settings (built once, then cached)."""
+    if not RunLayout(out).manifest.is_file():
+        cfg = BuildConfig(checkpoints=[str(p) for p in checkpoints], seed=seed, **kw)
+        build(*demo_pairs(demo_dir), cfg, out)
+    return out
 
 
 def more_members(demo_dir: Path, work: Path, dcfg: demo.DemoConfig, members: int) -> list[Path]:
@@ -138,43 +137,26 @@ def more_members(demo_dir: Path, work: Path, dcfg: demo.DemoConfig, members: int
     tcfg = train.TrainConfig(
         model=dcfg.model, members=members, epochs=dcfg.epochs, lr=dcfg.lr, seed=dcfg.seed
     )
-    pairs = data.read_pairs(demo_dir / "data" / "train.jsonl")
-    bundle = models.create(dcfg.model)
-    images = data.image_tensors(pairs, bundle.preprocess)
-    tokens = data.tokenize(bundle.tokenizer, pairs.captions)
-    return train.train_ensemble(images, tokens, tcfg, folder)
+    return train_on(demo_pairs(demo_dir)[0], tcfg, folder)
 
 
 def trajectory_members(demo_dir: Path, work: Path, dcfg: demo.DemoConfig, epochs: list[int]):
     """The demo's members trained again (same seeds, same weights) keeping ``epochs``; cached."""
     tcfg = replace(demo.train_config(dcfg), save_epochs=sorted(set(epochs) - {dcfg.epochs}))
     folder = work / "traj"
-    wanted = [p for m in range(dcfg.members) for p in train.member_checkpoints(folder, m, tcfg)]
-    if not all(p.is_file() for p in wanted):
-        pairs = data.read_pairs(demo_dir / "data" / "train.jsonl")
-        bundle = models.create(dcfg.model)
-        images = data.image_tensors(pairs, bundle.preprocess)
-        tokens = data.tokenize(bundle.tokenizer, pairs.captions)
-        train.train_ensemble(images, tokens, tcfg, folder)
+    train_on(demo_pairs(demo_dir)[0], tcfg, folder)  # finished members are kept
     return folder
 
 
 def final_ids(run: Path) -> list[int]:
     """Indices of the run's checkpoints that end a training run (the highest epoch_N.pt of each
     member folder)."""
-    paths = [Path(c["path"]) for c in runs.read_manifest(run)["checkpoints"]]
     last: dict[Path, tuple[int, int]] = {}
-    for i, p in enumerate(paths):
+    for i, p in enumerate(open_manifest(run).checkpoint_paths(run)):
         epoch = int(p.stem.split("_")[-1])
         if p.parent not in last or epoch > last[p.parent][0]:
             last[p.parent] = (epoch, i)
     return sorted(i for _, i in last.values())
-
-
-def md_table(header: tuple[str, ...], rows: list[tuple]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def fmt_lds(m: dict) -> tuple[str, str, str]:
@@ -199,30 +181,36 @@ def load_text(load: list[float] | None) -> str:
     return "/".join(f"{v:.1f}" for v in load) if load else "not recorded"
 
 
-def timed(path: Path, timings: dict, seconds: float, load_before, load_after) -> dict | None:
-    """Records a call that trained every model (a from-scratch timing); returns the last one."""
+def timed(path: Path, call: Callable[[], dict]) -> tuple[dict, float, dict | None]:
+    """Runs an evaluation; records it in ``path`` when it trained every model (a from-scratch
+    timing). Returns its result, its seconds and the last from-scratch timing (or None)."""
+    before = os.getloadavg()
+    t0 = time.perf_counter()
+    result = call()
+    seconds = time.perf_counter() - t0
+    timings = result["timings"]
     models = timings["models_trained"] + timings["models_reused"]
     if timings["models_trained"] == models:
-        store.write_json(
+        files.write_json(
             path,
             {
                 "seconds": seconds,
-                "load_before": load_before,
-                "load_after": load_after,
+                "load_before": before,
+                "load_after": os.getloadavg(),
                 "timings": timings,
                 "models": models,
                 "date": time.strftime("%Y-%m-%d %H:%M"),
             },
         )
-    return store.read_json(path) if path.is_file() else None
+    return result, seconds, files.read_json(path) if path.is_file() else None
 
 
-def reliability(run: Path, lcfg: evaluate.LdsConfig, tcfg: train.TrainConfig, n: int) -> float:
+def reliability(run: Path, lcfg: LdsConfig, tcfg: train.TrainConfig, n: int) -> float:
     """Split-half reliability of one model's outputs: a second model for the first n subsets
     (cached like the rest), then the default evaluation again (cached) to restore lds.json."""
     twice = replace(lcfg, subsets=n, models_per_subset=2, methods=["trak"])
-    value = evaluate.evaluate_lds(run, twice, tcfg, train_source="the demo's trainer")
-    evaluate.evaluate_lds(run, lcfg, tcfg, train_source="the demo's trainer")
+    value = evaluate_lds(run, twice, tcfg, train_source="the demo's trainer")
+    evaluate_lds(run, lcfg, tcfg, train_source="the demo's trainer")
     return value["split_half_reliability"]
 
 
@@ -241,12 +229,12 @@ REMOVED = {"trak": "top-k TRAK", "clip-pair": "top-k CLIP pair similarity", "ran
 
 def pending_removal() -> str:
     """While the removal experiment runs: the last finished one's table, marked as such."""
-    text = BENCHMARKS.read_text() if BENCHMARKS.is_file() else ""
+    text = read_section("bench_eval")
     head, tail = (
         "\n\n#### Removal: retrained without k training pairs",
         "\n\nWhat these figures say",
     )
-    start = text.find(head, text.find("<!-- bench_eval:start -->"))
+    start = text.find(head)
     end = text.find(tail, start)
     last = text[start + len(head) : end] if start >= 0 and end > start else ""
     if last.startswith(" (the last finished run"):  # already a pending copy
@@ -282,24 +270,17 @@ def verdicts(result: dict, name: str) -> list[str]:
 
 def removal_section(run: Path, args, tcfg: train.TrainConfig, work: Path) -> tuple[str, list[str]]:
     """The removal experiment (cached, timed when it trains everything) as markdown."""
-    val_ids = [str(r["id"]) for r in store.read_jsonl(store.pairs_path(run, "val"))]
-    targets = evaluate.sample_targets(val_ids, args.targets, seed=0)
-    rcfg = evaluate.RemoveConfig(
+    val_ids = [str(r["id"]) for r in files.read_jsonl(RunLayout(run).pairs("val"))]
+    targets = sample_targets(val_ids, args.targets, seed=0)
+    rcfg = RemoveConfig(
         targets=targets,
         ks=[int(k) for k in args.ks.split(",")],
         workers=args.workers,
         bootstrap=args.bootstrap,
     )
-    before = os.getloadavg()
-    t0 = time.perf_counter()
-    removal = evaluate.evaluate_removal(run, rcfg, tcfg, train_source="the demo's trainer")
-    seconds = time.perf_counter() - t0
-    t = timed(
+    removal, _, t = timed(
         work / f"removal-timing-{args.targets}.json",
-        removal["timings"],
-        seconds,
-        before,
-        os.getloadavg(),
+        lambda: evaluate_removal(run, rcfg, tcfg, train_source="the demo's trainer"),
     )
     trak_change = {r["k"]: r["mean_delta"] for r in removal["summary"] if r["method"] == "trak"}
     rows, lines = [], []
@@ -368,10 +349,10 @@ def removal_section(run: Path, args, tcfg: train.TrainConfig, work: Path) -> tup
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = arguments(__doc__)
     parser.add_argument("--demo", type=Path, default=Path("/tmp/trakview-bench/demo"))
     parser.add_argument("--work", type=Path, default=None, help="default: DEMO/bench-eval")
-    parser.add_argument("--subsets", type=int, default=evaluate.LdsConfig.subsets)
+    parser.add_argument("--subsets", type=int, default=LdsConfig.subsets)
     parser.add_argument("--models-per-subset", type=int, default=1)
     parser.add_argument("--reliability-subsets", type=int, default=16)
     parser.add_argument("--workers", type=int, default=0)
@@ -393,19 +374,17 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="time the LDS evaluation from scratch")
     parser.add_argument("--skip-removal", action="store_true")
     parser.add_argument("--skip-variants", action="store_true", help="no M / proj_dim / stock")
-    parser.add_argument("--quick", action="store_true", help="a small world, minutes; no write")
+    parser.add_argument(
+        "--quick", action="store_true", help="a small world, minutes (implies --no-write)"
+    )
     parser.add_argument(
         "--threads", type=int, default=2, help="torch threads outside the retraining workers"
     )
     args = parser.parse_args()
     dcfg = demo.DemoConfig()
     if args.quick:
-        dcfg = QUICK
-        args.demo = (
-            Path("/tmp/trakview-bench/quick-demo")
-            if args.demo == parser.get_default("demo")
-            else args.demo
-        )
+        dcfg, args.no_write = QUICK_DEMO, True
+        args.demo = QUICK_DEMO_DIR if args.demo == parser.get_default("demo") else args.demo
         args.subsets, args.targets, args.ks, args.reliability_subsets = 8, 3, "5,20", 4
         args.ms, args.proj_dims, args.bootstrap = "1,2,4", "64,128", 200
         args.snapshots, args.more_subsets = "1,2", 12
@@ -415,41 +394,34 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     run = demo.run_demo(dcfg, args.demo)
-    manifest = runs.read_manifest(run)
-    proj_default, n_default = manifest["counts"]["proj_dim"], manifest["counts"]["n_checkpoints"]
+    manifest = open_manifest(run)
+    proj_default, n_default = manifest.counts.proj_dim, manifest.counts.n_checkpoints
     tcfg = demo.train_config(dcfg)
     finals = final_ids(run)
 
     # 1. the default evaluation, timed (the last from-scratch timing is kept in WORK)
     if args.fresh:
-        shutil.rmtree(evaluate.eval_dir(run) / "lds", ignore_errors=True)
-    lcfg = evaluate.LdsConfig(
+        shutil.rmtree(RunLayout(run).eval_cache("lds").folder, ignore_errors=True)
+    lcfg = LdsConfig(
         subsets=args.subsets,
         models_per_subset=args.models_per_subset,
         workers=args.workers,
         bootstrap=args.bootstrap,
     )
-    before = os.getloadavg()
-    t0 = time.perf_counter()
-    lds = evaluate.evaluate_lds(run, lcfg, tcfg, train_source="the demo's trainer")
-    seconds = time.perf_counter() - t0
-    lds_time = timed(
+    lds, seconds, lds_time = timed(
         work / f"lds-timing-{args.subsets}x{args.models_per_subset}.json",
-        lds["timings"],
-        seconds,
-        before,
-        os.getloadavg(),
+        lambda: evaluate_lds(run, lcfg, tcfg, train_source="the demo's trainer"),
     )
     print(f"LDS evaluation: {seconds:.0f} s, {lds['timings']}", flush=True)
     rel = (
         reliability(run, lcfg, tcfg, args.reliability_subsets) if args.reliability_subsets else None
     )
-    masks, outputs = evaluate.load_lds_cache(run, args.subsets)
+    masks, outputs = load_lds_cache(run, args.subsets)
 
     # 2. every score matrix, scored against the same subset models with paired resamples
-    scores = evaluate.method_scores(run, list(evaluate.METHODS))
-    scores["grad-dot-final"] = evalstats.grad_dot_scores(
-        *evaluate.trak_store_arrays(run, finals, ("grads", "val"))
+    scores = method_scores(run, list(METHODS))
+    scores["grad-dot-final"] = stats.grad_dot_scores(
+        *trak_store_arrays(run, finals, ("grads", "val"))
     )
     costs: dict[str, str] = {}
     at_max_m: list[tuple] = []
@@ -459,25 +431,23 @@ def main() -> None:
         if not path.is_file():
             shutil.rmtree(work / "stock-store", ignore_errors=True)
             stock, stock_seconds = stock_scores(run, work / "stock-store")
-            store.save_npy(path, stock)
-            store.write_json(work / "stock-seconds.json", {"seconds": stock_seconds})
-        scores["stock"] = store.load_npy(path)
-        costs["stock"] = f"{store.read_json(work / 'stock-seconds.json')['seconds']:.0f} s"
+            files.save_npy(path, stock)
+            files.write_json(work / "stock-seconds.json", {"seconds": stock_seconds})
+        scores["stock"] = files.load_npy(path)
+        costs["stock"] = f"{files.read_json(work / 'stock-seconds.json')['seconds']:.0f} s"
         ms = [int(m) for m in args.ms.split(",")]
         ckpts = more_members(args.demo, work, dcfg, max(ms))
-        run_m, _ = variant_run(args.demo, work / f"run-M{max(ms)}", ckpts, dcfg.seed)
+        run_m = variant_run(args.demo, work / f"run-M{max(ms)}", ckpts, dcfg.seed)
         for m in ms:
-            scores[f"M={m}"] = evaluate.store_trak_scores(run_m, list(range(m)))
+            scores[f"M={m}"] = store_trak_scores(run_m, list(range(m)))
         for k in [int(p) for p in args.proj_dims.split(",")]:
             if k == proj_default:  # the final checkpoints of the demo's models: M=members
-                scores[f"proj_dim={k}"] = evaluate.store_trak_scores(
-                    run_m, list(range(dcfg.members))
-                )
+                scores[f"proj_dim={k}"] = store_trak_scores(run_m, list(range(dcfg.members)))
                 continue
-            out, _ = variant_run(
+            out = variant_run(
                 args.demo, work / f"run-p{k}", ckpts[: dcfg.members], dcfg.seed, proj_dim=k
             )
-            scores[f"proj_dim={k}"] = store.load_npy(store.scores_path(out))
+            scores[f"proj_dim={k}"] = files.load_npy(RunLayout(out).scores)
         snaps = [int(v) for v in args.snapshots.split(",")]
         snap_runs: dict[int, Path] = {}
         traj = work / "traj"
@@ -495,35 +465,35 @@ def main() -> None:
                 scores[name] = scores["trak"]
                 continue
             paths = [
-                traj / f"member-{m}" / "checkpoints" / f"epoch_{e}.pt"
+                train.member_dir(traj, m) / f"epoch_{e}.pt"
                 for m in range(dcfg.members)
                 for e in epochs
             ]
-            out, _ = variant_run(args.demo, work / f"run-S{n}", paths, dcfg.seed)
-            scores[name] = store.load_npy(store.scores_path(out))
+            out = variant_run(args.demo, work / f"run-S{n}", paths, dcfg.seed)
+            scores[name] = files.load_npy(RunLayout(out).scores)
             snap_runs[n] = out
         for lam in [float(v) for v in args.lambdas.split(",")]:
             scores[f"lambda_rel={lam:g}"] = lambda_scores(run, n_default, lam)
-    preds = {k: evalstats.subset_predictions(v, masks) for k, v in scores.items()}
-    result = evalstats.bootstrap_lds(preds, outputs, args.bootstrap, seed=0)
+    preds = {k: stats.subset_predictions(v, masks) for k, v in scores.items()}
+    result = stats.bootstrap_lds(preds, outputs, args.bootstrap, seed=0)
     lines = verdicts(result, f"M={n_default}")
     if not args.skip_variants:  # every method again with the larger ensemble's checkpoints
-        big = evaluate.method_scores(run_m, list(evaluate.METHODS))
-        preds_big = {k: evalstats.subset_predictions(v, masks) for k, v in big.items()}
-        res_big = evalstats.bootstrap_lds(preds_big, outputs, args.bootstrap, seed=0)
+        big = method_scores(run_m, list(METHODS))
+        preds_big = {k: stats.subset_predictions(v, masks) for k, v in big.items()}
+        res_big = stats.bootstrap_lds(preds_big, outputs, args.bootstrap, seed=0)
         order = sorted(res_big, key=lambda k: -res_big[k]["lds"])
         at_max_m = [(f"{LABELS[k]} (M={max(ms)})", *fmt_lds(res_big[k])) for k in order]
         lines += verdicts(res_big, f"M={max(ms)}")
         if snap_runs and max(snap_runs) > dcfg.snapshots:  # every method again, more snapshots
             n_s = max(snap_runs)
             srun = snap_runs[n_s]
-            big_s = evaluate.method_scores(srun, list(evaluate.METHODS))
-            big_s["grad-dot-final"] = evalstats.grad_dot_scores(
-                *evaluate.trak_store_arrays(srun, final_ids(srun), ("grads", "val"))
+            big_s = method_scores(srun, list(METHODS))
+            big_s["grad-dot-final"] = stats.grad_dot_scores(
+                *trak_store_arrays(srun, final_ids(srun), ("grads", "val"))
             )
-            preds_s = {k: evalstats.subset_predictions(v, masks) for k, v in big_s.items()}
-            res_s = evalstats.bootstrap_lds(preds_s, outputs, args.bootstrap, seed=0)
-            n_ck = runs.read_manifest(srun)["counts"]["n_checkpoints"]
+            preds_s = {k: stats.subset_predictions(v, masks) for k, v in big_s.items()}
+            res_s = stats.bootstrap_lds(preds_s, outputs, args.bootstrap, seed=0)
+            n_ck = open_manifest(srun).counts.n_checkpoints
             tag = f"{dcfg.members} models x {n_s} snapshots (M={n_ck})"
             at_snap = [
                 (f"{LABELS[k]} ({tag})", *fmt_lds(res_s[k]))
@@ -551,12 +521,12 @@ def main() -> None:
     if args.more_subsets > args.subsets:
         before = os.getloadavg()
         t0 = time.perf_counter()
-        more = evaluate.evaluate_lds(
+        more = evaluate_lds(
             run, replace(lcfg, subsets=args.more_subsets), tcfg, train_source="the demo's trainer"
         )
         more_seconds = time.perf_counter() - t0
         print(f"extended to {args.more_subsets} subsets: {more_seconds:.0f} s", flush=True)
-        masks_all, outputs_all = evaluate.load_lds_cache(run, args.more_subsets)
+        masks_all, outputs_all = load_lds_cache(run, args.more_subsets)
         main_keys = [k for k in LABELS if k in scores]
         blocks = {
             f"all {args.more_subsets} subsets": slice(None),
@@ -572,14 +542,14 @@ def main() -> None:
         more_rows = []
         for label, rows_ in blocks.items():
             preds_m = {
-                k: evalstats.subset_predictions(v, masks_all[rows_]) for k, v in more_scores.items()
+                k: stats.subset_predictions(v, masks_all[rows_]) for k, v in more_scores.items()
             }
-            res_m = evalstats.bootstrap_lds(preds_m, outputs_all[rows_], args.bootstrap, seed=0)
+            res_m = stats.bootstrap_lds(preds_m, outputs_all[rows_], args.bootstrap, seed=0)
             order = sorted(res_m, key=lambda k: -res_m[k]["lds"])
             more_rows += [(label, LABELS.get(k, k), *fmt_lds(res_m[k])) for k in order]
             if at_snap:
                 a, b = f"TRAK, {tag}", f"gradient dot product, {tag}"
-                pair = evalstats.bootstrap_lds(
+                pair = stats.bootstrap_lds(
                     {"trak": preds_m[a], "grad-dot": preds_m[b], "trak-m4": preds_m["trak"]},
                     outputs_all[rows_],
                     args.bootstrap,
@@ -616,13 +586,13 @@ def main() -> None:
 
     # 3. BENCHMARKS.md, written now and again with the removal experiment (which takes longest)
     note = (
-        f"Default demo (`trakview demo`: {manifest['counts']['n_train']} train / "
-        f"{manifest['counts']['n_val']} val pairs, {dcfg.members} x {dcfg.model} trained "
+        f"Default demo (`trakview demo`: {manifest.counts.n_train} train / "
+        f"{manifest.counts.n_val} val pairs, {dcfg.members} x {dcfg.model} trained "
         f"{dcfg.epochs} epochs, {dcfg.snapshots} checkpoints of each (epochs "
         f"{', '.join(map(str, train.snapshot_epochs(dcfg.epochs, dcfg.snapshots)))}): "
         f"M = {n_default} checkpoints, proj_dim {proj_default}). `trakview eval lds` defaults: {args.subsets} random "
         f"halves of the training set x {args.models_per_subset} model (the demo's trainer), the "
-        f"CLIP margin of all {manifest['counts']['n_val']} validation pairs; every method is "
+        f"CLIP margin of all {manifest.counts.n_val} validation pairs; every method is "
         f"scored against the same models and the same {args.bootstrap} bootstrap resamples "
         f"(subsets and validation pairs), so 'TRAK minus method' is a paired interval. "
         f"{machine()}. `python bench/bench_eval.py --fresh`"
@@ -694,7 +664,7 @@ def main() -> None:
             + "\n".join(f"- {line}" for line in lines + more_lines)
         )
 
-    if not args.quick:
+    if not args.no_write:
         pending = pending_removal()  # read before the write replaces it
         write_section("bench_eval", section(pending, []))
 
@@ -704,7 +674,7 @@ def main() -> None:
         return
     removal_md, removal_lines = removal_section(run, args, tcfg, work)
     print("\n".join(lines + removal_lines))
-    if not args.quick:
+    if not args.no_write:
         write_section("bench_eval", section(removal_md, removal_lines))
 
 

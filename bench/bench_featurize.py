@@ -1,47 +1,48 @@
 """Featurize throughput: trakview's engine against traker's stock CLIP pipeline, side by side.
 
 Same model (trakview-tiny, 3.3 M parameters), same pairs (the demo world), same proj_dim, same
-attributed parameters, same simulated batch size, float32, CPU. traker's stock pipeline is run as
-the seed tutorial does, with only the fixes it needs to run at all on CPU: the embeddings are set
-without ``get_embeddings`` (which calls ``.cuda()``), and the out-to-loss term is reshaped to
-(B, 1).
+attributed parameters, same simulated batch size, float32, CPU. trakview runs as a featurize unit
+of the build does (``engine.build.context.WorkContext``'s TRAKer: trakview's extension points),
+with each ``--projector``. traker's stock pipeline is run as the seed tutorial does, with only the
+fixes it needs to run at all on CPU: the embeddings are set without ``get_embeddings`` (which
+calls ``.cuda()``), and the out-to-loss term is reshaped to (B, 1).
 
 Prints a table and writes it into BENCHMARKS.md (section ``bench_featurize``).
 
     python bench/bench_featurize.py [--pairs 500] [--repeats 3]
+    python bench/bench_featurize.py --pairs 100 --stock-all-pairs 20 --repeats 1 --no-write
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
-from trak import TRAKer
-from trak.modelout_functions import CLIPModelOutput
 
-from bench_common import machine, write_section
-from engine import models, synthetic
-from engine.attribute import featurize_checkpoint
-from engine.embed import encode
-from engine.trak import (
-    ClipMargin,
-    KeyedProjector,
-    RegularizedScoreComputer,
-    SelectiveGradientComputer,
-    SimulatedBatch,
-    select_parameters,
+from bench_common import (
+    InMemoryWork,
+    arguments,
+    machine,
+    md_table,
+    set_stock_embeddings,
+    stock_traker,
+    warm_up,
+    write_section,
 )
+from engine.attribution.gradients import select_parameters
+from engine.attribution.settings import BuildConfig
+from engine.data import synthetic
+from engine.models.embed import encode
+from engine.models.factory import create
 
-PROJ_DIM = 512
-SIM_BS = 256
-BATCH = 50
+# both pipelines: proj_dim, simulated batch and pairs per gradient batch
+SETTINGS = BuildConfig(model="trakview-tiny", proj_dim=512, sim_batch_size=256, batch_size=50)
+PROJ_DIM, SIM_BS, BATCH = SETTINGS.proj_dim, SETTINGS.sim_batch_size, SETTINGS.batch_size
 KINDS = (
     "gaussian",
     "gaussian-bf16",
@@ -49,31 +50,10 @@ KINDS = (
 )  # trakview's --projector choices; sketch = CPU default
 
 
-class StockClipOnCpu(CLIPModelOutput):
-    """traker's CLIPModelOutput with the one fix featurize needs: out-to-loss shaped (B, 1)."""
-
-    def get_out_to_loss_grad(self, model, weights, buffers, batch):
-        return super().get_out_to_loss_grad(model, weights, buffers, batch).reshape(-1, 1)
-
-
-def stock(model, images, tokens, img_emb, txt_emb, names, save_dir) -> float:
+def stock(model, images, tokens, img_emb, txt_emb, names, save_dir: Path) -> float:
     """Seconds to featurize every pair with traker's stock gradient computer and projector."""
-    task = StockClipOnCpu(simulated_batch_size=SIM_BS)
-    # what get_embeddings would store, minus its hard-coded .cuda()
-    CLIPModelOutput.image_embeddings = img_emb
-    CLIPModelOutput.text_embeddings = txt_emb
-    CLIPModelOutput.num_computed_embeddings = len(img_emb)
-    traker = TRAKer(
-        model=model,
-        task=task,
-        train_set_size=len(images),
-        save_dir=save_dir,
-        device="cpu",
-        proj_dim=PROJ_DIM,
-        use_half_precision=False,
-        grad_wrt=names,
-        logging_level=logging.ERROR,
-    )
+    set_stock_embeddings(img_emb, txt_emb)
+    traker = stock_traker(model, names, len(images), save_dir, PROJ_DIM, SIM_BS)
     traker.load_checkpoint(model.state_dict(), model_id=0)
     t0 = time.perf_counter()
     for s in range(0, len(images), BATCH):
@@ -84,46 +64,20 @@ def stock(model, images, tokens, img_emb, txt_emb, names, save_dir) -> float:
     return time.perf_counter() - t0
 
 
-def ours(model, images, tokens, img_emb, txt_emb, names, save_dir, kind) -> tuple[float, float]:
-    """(setup seconds: projection matrix, featurize seconds) with trakview's extension points."""
-    task = ClipMargin()
-    task.set_embeddings(img_emb, txt_emb)
-    shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if n in names}
-    token = next((n for n in names if n.endswith("token_embedding.weight")), None)
-    projector = KeyedProjector(
-        shapes,
-        token,
-        PROJ_DIM,
-        seed=0,
-        sketch_dim=4 * PROJ_DIM if kind == "sketch" else 0,
-        matmul_dtype=torch.bfloat16 if kind == "gaussian-bf16" else torch.float32,
-    )
+def ours(bundle, images, tokens, img_emb, txt_emb, grad_params, kind) -> float:
+    """Seconds to featurize every pair as a featurize unit of the build does (the projection
+    drawn beforehand)."""
+    cfg = replace(SETTINGS, grad_params=grad_params, projector=kind)
+    work = InMemoryWork(cfg, bundle, img_emb, txt_emb)
+    warm_up(work.projector)
+    traker = work.traker(len(images))
     t0 = time.perf_counter()
-    if projector.dense_names:
-        projector._project_dense({n: torch.zeros(1, *shapes[n]) for n in projector.dense_names})
-    setup = time.perf_counter() - t0
-    traker = TRAKer(
-        model=model,
-        task=task,
-        train_set_size=len(images),
-        save_dir=save_dir,
-        device="cpu",
-        gradient_computer=SelectiveGradientComputer,
-        projector=projector,
-        score_computer=RegularizedScoreComputer,
-        use_half_precision=False,
-        grad_wrt=names,
-        lambda_reg=None,
-        logging_level=logging.ERROR,
-    )
-    sim = SimulatedBatch(len(images), SIM_BS, seed=0)
-    t0 = time.perf_counter()
-    featurize_checkpoint(traker, model.state_dict(), 0, images, tokens, sim, BATCH)
-    return setup, time.perf_counter() - t0
+    work.featurize(traker, bundle.model.state_dict(), 0, images, tokens)
+    return time.perf_counter() - t0
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = arguments(__doc__)
     parser.add_argument("--pairs", type=int, default=500)
     parser.add_argument(
         "--stock-all-pairs",
@@ -136,12 +90,13 @@ def main() -> None:
     torch.set_num_threads(2)
 
     world = synthetic.generate_world(synthetic.WorldConfig(n_train=max(args.pairs, 300), n_val=30))
-    bundle = models.create("trakview-tiny", seed=0)
+    bundle = create(SETTINGS.model, seed=0)
     model = bundle.model
     images = torch.stack([bundle.preprocess(Image.fromarray(a)) for a in world.train_images])
     tokens = bundle.tokenizer([r["caption"] for r in world.train])
-    images, tokens = images[: args.pairs], tokens[: args.pairs]
+    # embeddings of at least 300 pairs: both margins draw simulated batches of 256 from them
     img_emb, txt_emb = encode(model, images, tokens)
+    images, tokens = images[: args.pairs], tokens[: args.pairs]
 
     rows = []
     for label, grad_params, n_stock in (
@@ -150,7 +105,7 @@ def main() -> None:
     ):
         names = select_parameters(model, grad_params)
         n_params = sum(p.numel() for n, p in model.named_parameters() if n in names)
-        t_stock, setups = [], []
+        t_stock = []
         t_ours: dict[str, list[float]] = {k: [] for k in KINDS}
         for _ in range(args.repeats):
             with tempfile.TemporaryDirectory() as d:
@@ -162,15 +117,13 @@ def main() -> None:
                         img_emb,
                         txt_emb,
                         names,
-                        str(Path(d) / "s"),
+                        Path(d),
                     )
                 )
-                for kind in KINDS:
-                    setup, t = ours(
-                        model, images, tokens, img_emb, txt_emb, names, str(Path(d) / kind), kind
-                    )
-                    t_ours[kind].append(t)
-                    setups.append(setup)
+            for kind in KINDS:
+                t_ours[kind].append(
+                    ours(bundle, images, tokens, img_emb, txt_emb, grad_params, kind)
+                )
         stock_rate = n_stock / statistics.median(t_stock)
         row = [label, f"{n_params:,}", f"{stock_rate:.1f}"]
         for kind in KINDS:
@@ -185,15 +138,10 @@ def main() -> None:
         "stock traker pairs/s",
         *(f"trakview {k} pairs/s (speed-up)" for k in KINDS),
     )
-    table = [header, *rows]
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in table]
-    print("\n".join(lines))
-    md = "\n".join(
-        ["| " + " | ".join(r) + " |" for r in table[:1]]
-        + ["|" + "---|" * len(header)]
-        + ["| " + " | ".join(r) + " |" for r in table[1:]]
-    )
+    md = md_table(header, rows)
+    print(md)
+    if args.no_write:
+        return
     note = (
         f"Featurize throughput per checkpoint, {args.pairs} demo pairs (stock traker with all "
         f"parameters: {args.stock_all_pairs} pairs), proj_dim {PROJ_DIM}, simulated batch "
@@ -204,7 +152,6 @@ def main() -> None:
     write_section(
         "bench_featurize", f"### Featurize: trakview vs traker's stock pipeline\n\n{note}\n\n{md}\n"
     )
-    np.set_printoptions()
 
 
 if __name__ == "__main__":

@@ -9,30 +9,33 @@ short keeps what it measured), then the BENCHMARKS.md section ``bench_gpu``:
 1. Agreement: a small generated world, a tiny two-member ensemble, the same build on CPU and on
    CUDA (``BuildConfig(device=...)``, grad_params all, same projector), compared per validation
    pair (Pearson of the score columns, top-10 overlap).
-2. Featurize throughput per checkpoint (pairs/s) through the build's own path
-   (``TRAKer`` + trakview's extension points + ``attribute.featurize_checkpoint``, CPU batches
-   moved per batch as the build does), for trakview-tiny and ViT-B-32 (random init, no
-   download), grad_params all: median of repeats after a warm-up, peak GPU memory.
-3. Embedding throughput of ViT-B-32 (``engine.embed.encode``; also TF32 and bf16 autocast).
+2. Featurize throughput per checkpoint (pairs/s) through the build's own path (the TRAKer of
+   ``engine.build.context.WorkContext``, batches handed over as a featurize unit does, CPU
+   batches moved per batch), for trakview-tiny and ViT-B-32 (random init, no download),
+   grad_params all: median of repeats after a warm-up, peak GPU memory.
+3. Embedding throughput of ViT-B-32 (``engine.models.embed.encode``; also TF32 and bf16
+   autocast).
+
+Without a GPU, ``--smoke-cpu`` runs everything at tiny sizes on CPU to check the script itself.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import json
-import logging
 import math
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from bench_common import machine, write_section
+from bench_common import InMemoryWork, arguments, machine, train_on, warm_up, write_section
 
 RESULTS: dict[str, Any] = {}
 OUT: Path | None = None
@@ -84,23 +87,18 @@ def _agreement(a: np.ndarray, b: np.ndarray, k: int = 10) -> dict[str, float]:
 
 
 def agreement(tmp: Path, n_train: int, n_val: int) -> None:
-    from engine import attribute, data, store, synthetic, train
+    from engine import demo, files
+    from engine.attribution.settings import BuildConfig
+    from engine.build.orchestrate import build
+    from engine.models.train import TrainConfig
+    from engine.run.layout import RunLayout
+    from engine.run.manifest import open_manifest
 
-    world = synthetic.generate_world(synthetic.WorldConfig(n_train=n_train, n_val=n_val, seed=1))
-    store.save_pairs(tmp / "world", "train", world.train, world.train_images)
-    store.save_pairs(tmp / "world", "val", world.val, world.val_images)
-    tr = data.read_pairs(tmp / "world" / "train.jsonl")
-    va = data.read_pairs(tmp / "world" / "val.jsonl")
-    from engine import models
-
-    bundle = models.create("trakview-tiny")
-    images = data.image_tensors(tr, bundle.preprocess, progress=False)
-    tokens = data.tokenize(bundle.tokenizer, tr.captions)
+    tr, va = demo.make_world(demo.DemoConfig(n_train=n_train, n_val=n_val, seed=1), tmp / "world")
     t = time.perf_counter()
-    ckpts = train.train_ensemble(
-        images,
-        tokens,
-        train.TrainConfig(members=2, epochs=2 if SMOKE else 6, batch_size=100, warmup_steps=10),
+    ckpts = train_on(
+        tr,
+        TrainConfig(members=2, epochs=2 if SMOKE else 6, batch_size=100, warmup_steps=10),
         tmp / "models",
     )
     RESULTS["agreement_setup"] = {
@@ -122,21 +120,19 @@ def agreement(tmp: Path, n_train: int, n_val: int) -> None:
         ("cpu-sketch", {"device": "cpu", "projector": "sketch"}),
         ("cuda-sketch", {"device": DEVICE, "projector": "sketch"}),
     ):
-        cfg = attribute.BuildConfig(
-            checkpoints=[str(p) for p in ckpts], grad_params="all", topk=20, **kw
-        )
+        cfg = BuildConfig(checkpoints=[str(p) for p in ckpts], grad_params="all", topk=20, **kw)
         t = time.perf_counter()
-        run = attribute.build(tr, va, cfg, tmp / label)
-        manifest = json.loads((run / "manifest.json").read_text())
+        run = build(tr, va, cfg, tmp / label)
+        manifest = open_manifest(run)
         timing[label] = {
             "build_seconds": round(time.perf_counter() - t, 2),
             "featurize_seconds": sum(
-                v for k, v in manifest["timings_seconds"].items() if k.startswith("featurize")
+                v for k, v in manifest.timings_seconds.items() if k.startswith("featurize")
             ),
-            "projection": manifest.get("projection"),
-            "proj_dim": manifest["counts"]["proj_dim"],
+            "projection": manifest.projection,
+            "proj_dim": manifest.counts.proj_dim,
         }
-        runs[label] = np.load(run / "scores.npy")
+        runs[label] = files.load_npy(RunLayout(run).scores)
         print(label, timing[label], flush=True)
     RESULTS["agreement_builds"] = timing
     RESULTS["agreement"] = {
@@ -158,7 +154,7 @@ class Inputs:
     """Images (CPU, as the build holds them), tokens, and the checkpoint's train embeddings."""
 
     def __init__(self, bundle: Any, n: int, captions: str, seed: int = 0) -> None:
-        from engine import synthetic
+        from engine.data import synthetic
 
         gen = torch.Generator().manual_seed(seed)
         size = bundle.image_size
@@ -190,14 +186,14 @@ class Inputs:
 _PROJECTORS: dict[tuple, Any] = {}
 
 
-def featurize(traker: Any, state: Any, model_id: int, images, tokens, sim, batch: int) -> None:
-    """What ``attribute.featurize_checkpoint`` does, with the batches already in CPU memory
-    (the build reads and preprocesses them in DataLoader workers, not measured here)."""
-    traker.load_checkpoint(state, model_id=model_id)
-    for s in range(0, len(images), batch):
-        inds = list(range(s, min(len(images), s + batch)))
-        b = (images[inds], tokens[inds], sim.for_train(inds, model_id))
-        traker.featurize(batch=b, inds=np.asarray(inds))
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool) -> Iterator[None]:
+    """CUDA matmuls in TF32 inside the block (torch's default is off)."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def featurize_rate(
@@ -212,125 +208,67 @@ def featurize_rate(
     repeats: int,
     sim_batch: int = 256,
     breakdown: bool = True,
-    tf32: bool = False,
     grad_params: str = "all",
 ) -> dict[str, Any]:
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    try:
-        return _featurize_rate(
-            bundle,
-            inputs,
-            proj_dim=proj_dim,
-            projector=projector,
-            batch=batch,
-            half=half,
-            n_batches=n_batches,
-            repeats=repeats,
-            sim_batch=sim_batch,
-            breakdown=breakdown,
-            grad_params=grad_params,
-        )
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = False
-
-
-def _featurize_rate(
-    bundle: Any,
-    inputs: Inputs,
-    *,
-    proj_dim: int,
-    projector: str,
-    batch: int,
-    half: bool,
-    n_batches: int,
-    repeats: int,
-    sim_batch: int,
-    breakdown: bool,
-    grad_params: str,
-) -> dict[str, Any]:
-    from trak import TRAKer
-
-    from engine.attribute import BuildConfig, projector_for
-    from engine.trak import (
-        ClipMargin,
-        RegularizedScoreComputer,
-        SelectiveGradientComputer,
-        SimulatedBatch,
-        select_parameters,
-    )
+    from engine.attribution.settings import BuildConfig
 
     model = bundle.model
-    names = select_parameters(model, grad_params)
     n = batch * n_batches
     images, tokens = inputs.images[:n], inputs.tokens[:n]
     cfg = BuildConfig(
-        model=bundle.name, device=DEVICE, proj_dim=proj_dim, projector=projector, half=half
+        model=bundle.name,
+        device=DEVICE,
+        proj_dim=proj_dim,
+        projector=projector,
+        half=half,
+        grad_params=grad_params,
+        sim_batch_size=sim_batch,
+        batch_size=batch,
     )
+    work = InMemoryWork(cfg, bundle, inputs.img_emb[:n], inputs.txt_emb[:n])
     key = (bundle.name, proj_dim, projector, grad_params)
     t = time.perf_counter()
-    if key not in _PROJECTORS:
+    if key not in _PROJECTORS:  # kept for the next settings (ViT-B-32's sketch takes a while)
         _PROJECTORS.clear()
         torch.cuda.empty_cache()
-        proj = projector_for(model, cfg, names)
-        shapes = proj.param_shapes
-        if proj.dense_names:  # generate the matrix / the sketch's buckets now
-            proj._project_dense(
-                {n_: torch.zeros(1, *shapes[n_], device=DEVICE) for n_ in proj.dense_names}
-            )
-        _PROJECTORS[key] = proj
-    proj = _PROJECTORS[key]
+        _PROJECTORS[key] = work.projector  # the build's projector_for
+        warm_up(_PROJECTORS[key], DEVICE)  # the matrix / the sketch's buckets, now
+    work.projector = proj = _PROJECTORS[key]
     setup = time.perf_counter() - t
-    task = ClipMargin()
-    task.set_embeddings(inputs.img_emb[:n], inputs.txt_emb[:n])
     state = model.state_dict()
     reset_peak()
     times = []
-    with tempfile.TemporaryDirectory() as d:
-        traker = TRAKer(
-            model=model,
-            task=task,
-            train_set_size=n,
-            save_dir=d,
-            device=DEVICE,
-            gradient_computer=SelectiveGradientComputer,
-            projector=proj,
-            score_computer=RegularizedScoreComputer,
-            use_half_precision=half,
-            grad_wrt=names,
-            lambda_reg=None,
-            logging_level=logging.ERROR,
-        )
-        sim = SimulatedBatch(n, sim_batch, seed=0)
-        for r in range(repeats + 1):  # the first is the warm-up
+    traker = work.traker(n)
+    for r in range(repeats + 1):  # the first is the warm-up
+        sync()
+        t = time.perf_counter()
+        work.featurize(traker, state, r, images, tokens)
+        sync()
+        times.append(time.perf_counter() - t)
+    parts: dict[str, float] = {}
+    if breakdown:  # one more pass, each step synchronised and timed (slightly slower)
+        comp = traker.gradient_computer
+        parts = {"sim_draw": 0.0, "grad": 0.0, "project": 0.0, "out_to_loss": 0.0}
+        for s in range(0, n, batch):
+            inds = list(range(s, min(n, s + batch)))
+            t = time.perf_counter()
+            b = (images[inds], tokens[inds], work.sim.for_train(inds, 0))
+            parts["sim_draw"] += time.perf_counter() - t
             sync()
             t = time.perf_counter()
-            featurize(traker, state, r, images, tokens, sim, batch)
+            g = comp.compute_per_sample_grad(b)
             sync()
-            times.append(time.perf_counter() - t)
-        parts: dict[str, float] = {}
-        if breakdown:  # one more pass, each step synchronised and timed (slightly slower)
-            comp = traker.gradient_computer
-            parts = {"sim_draw": 0.0, "grad": 0.0, "project": 0.0, "out_to_loss": 0.0}
-            for s in range(0, n, batch):
-                inds = list(range(s, min(n, s + batch)))
-                t = time.perf_counter()
-                b = (images[inds], tokens[inds], sim.for_train(inds, 0))
-                parts["sim_draw"] += time.perf_counter() - t
-                sync()
-                t = time.perf_counter()
-                g = comp.compute_per_sample_grad(b)
-                sync()
-                parts["grad"] += time.perf_counter() - t
-                t = time.perf_counter()
-                proj.project(g, model_id=0)
-                sync()
-                parts["project"] += time.perf_counter() - t
-                del g
-                t = time.perf_counter()
-                comp.compute_loss_grad(b)
-                sync()
-                parts["out_to_loss"] += time.perf_counter() - t
-            parts = {k: round(v / n * 1e3, 4) for k, v in parts.items()}  # ms per pair
+            parts["grad"] += time.perf_counter() - t
+            t = time.perf_counter()
+            proj.project(g, model_id=0)
+            sync()
+            parts["project"] += time.perf_counter() - t
+            del g
+            t = time.perf_counter()
+            comp.compute_loss_grad(b)
+            sync()
+            parts["out_to_loss"] += time.perf_counter() - t
+        parts = {k: round(v / n * 1e3, 4) for k, v in parts.items()}  # ms per pair
     med = statistics.median(times[1:])
     return {
         "pairs": n,
@@ -344,7 +282,8 @@ def _featurize_rate(
 
 
 def featurize_all(quick: bool) -> None:
-    from engine import models
+    from engine.attribution.projection import KeyedProjector
+    from engine.models.factory import create
 
     RESULTS.setdefault("featurize", [])
     n_params = {}
@@ -372,7 +311,7 @@ def featurize_all(quick: bool) -> None:
     if SMOKE:
         plans = [(n, [{**cfgs[0], "batch": 4, "proj_dim": 64}]) for n, cfgs in plans]
     for name, configs in plans:
-        bundle = models.create(name, seed=0, device=DEVICE)
+        bundle = create(name, seed=0, device=DEVICE)
         n_params[name] = sum(p.numel() for p in bundle.model.parameters())
         big = name != "trakview-tiny"
         n_max = max(c["batch"] for c in configs) * (4 if big else 6)
@@ -385,17 +324,18 @@ def featurize_all(quick: bool) -> None:
             if SMOKE:
                 n_batches = 2
             row = {"model": name, "grad_params": "all", **c}
-            kw = {k: v for k, v in c.items() if k != "captions"}
+            kw = {k: v for k, v in c.items() if k not in ("captions", "tf32")}
             try:
-                row.update(
-                    featurize_rate(
-                        bundle,
-                        inputs[c["captions"]],
-                        n_batches=n_batches,
-                        repeats=3 if not quick else 2,
-                        **kw,
+                with tf32_matmuls(c.get("tf32", False)):
+                    row.update(
+                        featurize_rate(
+                            bundle,
+                            inputs[c["captions"]],
+                            n_batches=n_batches,
+                            repeats=3 if not quick else 2,
+                            **kw,
+                        )
                     )
-                )
             except torch.cuda.OutOfMemoryError as err:
                 row["error"] = f"OOM: {str(err).splitlines()[0][:160]}"
             except Exception as err:  # keep measuring the others; the error is reported
@@ -410,9 +350,7 @@ def featurize_all(quick: bool) -> None:
     RESULTS["n_params"] = n_params
     # what the dense Gaussian would cost for ViT-B-32 without fast_jl: the (D, k) matrix does not
     # fit (KeyedProjector regenerates every block on CPU, per batch); time one block to say so
-    from engine.trak import KeyedProjector
-
-    bundle = models.create("ViT-B-32", seed=0)
+    bundle = create("ViT-B-32", seed=0)
     shapes = {n: tuple(p.shape) for n, p in bundle.model.named_parameters()}
     dense = sum(math.prod(s) for n, s in shapes.items() if not n.endswith("token_embedding.weight"))
     proj = KeyedProjector(shapes, "token_embedding.weight", 1024, device="cpu")
@@ -432,16 +370,17 @@ def featurize_all(quick: bool) -> None:
 
 
 def embedding() -> None:
-    from engine import embed, models
+    from engine.models.embed import encode
+    from engine.models.factory import create
 
-    bundle = models.create("ViT-B-32", seed=0, device=DEVICE)
+    bundle = create("ViT-B-32", seed=0, device=DEVICE)
     model = bundle.model
     n = 16 if SMOKE else 4096
     images = torch.randn(n, 3, 224, 224)
     tokens = bundle.tokenizer(["a photo of a red square on a blue background"] * n)
     rows = []
     for label, ctx in (
-        ("fp32 (engine.embed.encode)", {}),
+        ("fp32 (engine.models.embed.encode)", {}),
         ("fp32 + TF32 matmul", {"tf32": True}),
         ("bf16 autocast", {"bf16": True}),
     ):
@@ -459,7 +398,7 @@ def embedding() -> None:
                     sync()
                     t0 = time.perf_counter()
                     with torch.autocast(DEVICE, torch.bfloat16, enabled=bool(ctx.get("bf16"))):
-                        embed.encode(model, x, t, batch_size=bs, device=DEVICE)
+                        encode(model, x, t, batch_size=bs, device=DEVICE)
                     sync()
                     times.append(time.perf_counter() - t0)
                 rates[f"{what}_per_s"] = round(n / statistics.median(times[1:]), 1)
@@ -484,7 +423,7 @@ def embedding() -> None:
 
 
 def sim_draw_cost() -> None:
-    from engine.trak import SimulatedBatch
+    from engine.attribution.margin import SimulatedBatch
 
     out = {}
     for n in (10_000, 1_000_000):
@@ -608,7 +547,7 @@ def markdown(res: dict[str, Any]) -> str:
 
 def main() -> None:
     global OUT, BUDGET, DEVICE, SMOKE
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = arguments(__doc__)
     parser.add_argument("--out", type=Path, help="JSON file to write the measurements to")
     parser.add_argument("--from-json", type=Path, help="only write BENCHMARKS.md from this JSON")
     parser.add_argument("--budget-s", type=float, default=420, help="skip what would run past it")
@@ -620,7 +559,8 @@ def main() -> None:
         res = json.loads(args.from_json.read_text())
         md = markdown(res)
         print(md)
-        write_section("bench_gpu", md)
+        if not args.no_write:
+            write_section("bench_gpu", md)
         return
     if args.smoke_cpu:
         DEVICE, SMOKE = "cpu", True

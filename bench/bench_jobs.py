@@ -1,7 +1,7 @@
 """Side by side on one machine: the demo's build and training in one process against worker
 processes of one thread each (``--jobs``), alternating within each repeat.
 
-    python bench/bench_jobs.py [--demo DIR] [--repeats 2]
+    python bench/bench_jobs.py [--demo DIR] [--repeats 2] [--no-write]
 
 DIR is a finished demo folder (``trakview demo --no-serve --out DIR``; default
 demo-run): its pairs and the final checkpoint of each model are built again into DIR/bench-jobs,
@@ -11,89 +11,94 @@ and its first two models are trained again. Prints a table and writes it into BE
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench_common import machine, write_section
-from engine import attribute, data, demo, executors, models, train
+from bench_common import arguments, demo_pairs, machine, md_table, train_on, write_section
+from engine import files
+from engine.attribution.settings import BuildConfig
+from engine.build.executors import LocalExecutor
+from engine.build.orchestrate import build
+from engine.models.checkpoints import find_checkpoints
+from engine.models.train import TRAIN_CONFIG_FILE, TrainConfig
+from engine.run.layout import RunLayout
 
 
-def build(demo_dir: Path, out: Path, checkpoints: list[str], jobs: int) -> float:
+def build_with(demo_dir: Path, out: Path, checkpoints: list[Path], jobs: int) -> float:
     shutil.rmtree(out, ignore_errors=True)
-    train_pairs = data.read_pairs(demo_dir / "data" / "train.jsonl")
-    val_pairs = data.read_pairs(demo_dir / "data" / "val.jsonl")
-    cfg = attribute.BuildConfig(checkpoints=checkpoints, seed=0)
+    cfg = BuildConfig(checkpoints=[str(p) for p in checkpoints], seed=0)
     t0 = time.perf_counter()
-    attribute.build(train_pairs, val_pairs, cfg, out, executor=executors.LocalExecutor(jobs=jobs))
+    build(*demo_pairs(demo_dir), cfg, out, executor=LocalExecutor(jobs=jobs))
     return time.perf_counter() - t0
 
 
 def train_two(demo_dir: Path, out: Path, jobs: int) -> float:
+    """The first two models of the demo again, with its trainer (keeping the final epochs)."""
     shutil.rmtree(out, ignore_errors=True)
-    dcfg = demo.DemoConfig()
-    cfg = train.TrainConfig(
-        model=dcfg.model, members=2, epochs=dcfg.epochs, lr=dcfg.lr, seed=dcfg.seed
-    )
-    pairs = data.read_pairs(demo_dir / "data" / "train.jsonl")
-    bundle = models.create(dcfg.model)
-    images = data.image_tensors(pairs, bundle.preprocess, progress=False)
-    tokens = data.tokenize(bundle.tokenizer, pairs.captions)
+    recorded = files.read_json(demo_dir / "models" / TRAIN_CONFIG_FILE)
+    cfg = replace(TrainConfig(**recorded), members=2, save_epochs=[])
+    pairs, _ = demo_pairs(demo_dir)
     t0 = time.perf_counter()
-    train.train_ensemble(images, tokens, cfg, out, jobs=jobs)
+    train_on(pairs, cfg, out, jobs=jobs)
     return time.perf_counter() - t0
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = arguments(__doc__)
     parser.add_argument("--demo", type=Path, default=Path("demo-run"))
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--jobs", type=int, default=2)
     args = parser.parse_args()
     threads = torch.get_num_threads()
     work = args.demo / "bench-jobs"
-    members = sorted((args.demo / "models").glob("member-*"))
-    finals = [
-        str(max(m.glob("checkpoints/epoch_*.pt"), key=lambda p: int(p.stem[6:]))) for m in members
-    ]
+    finals = find_checkpoints(args.demo / "models")  # the last epoch of each model
+    n_train = len(demo_pairs(args.demo)[0])
     rows: dict[str, list[float]] = {}
     for r in range(args.repeats):
         for jobs in (1, args.jobs):
-            s = build(args.demo, work / f"run-j{jobs}", finals, jobs)
+            s = build_with(args.demo, work / f"run-j{jobs}", finals, jobs)
             rows.setdefault(f"build, jobs {jobs}", []).append(s)
             print(f"repeat {r + 1}: build, {jobs} job(s): {s:.1f} s", flush=True)
             s = train_two(args.demo, work / f"train-j{jobs}", jobs)
             rows.setdefault(f"train, jobs {jobs}", []).append(s)
             print(f"repeat {r + 1}: train 2 members, {jobs} job(s): {s:.1f} s", flush=True)
-    one = np.load(work / "run-j1" / "scores.npy")
-    many = np.load(work / f"run-j{args.jobs}" / "scores.npy")
+    one = files.load_npy(RunLayout(work / "run-j1").scores)
+    many = files.load_npy(RunLayout(work / f"run-j{args.jobs}").scores)
     diff = float(np.abs(one - many).max() / np.abs(one).max())
-    lines = [
-        "| what | processes x torch threads | median s | per repeat s | speed-up (median of per-repeat ratios) |",
-        "|---|---|---:|---|---:|",
-    ]
+    table_rows = []
     for what in ("build", "train"):
         a, b = rows[f"{what}, jobs 1"], rows[f"{what}, jobs {args.jobs}"]
         ratio = statistics.median(x / y for x, y in zip(a, b, strict=True))
         label = (
-            f"build: {len(finals)} checkpoints x {len(data.read_pairs(args.demo / 'data' / 'train.jsonl'))} pairs"
+            f"build: {len(finals)} checkpoints x {n_train} pairs"
             if what == "build"
             else "train: 2 members of the demo's trainer"
         )
-        lines.append(
-            f"| {label} | 1 x {threads} | {statistics.median(a):.1f} | {', '.join(f'{v:.1f}' for v in a)} | 1.00x |"
-        )
-        lines.append(
-            f"| {label} | {args.jobs} x {max(1, (os.cpu_count() or 1) // args.jobs)} | {statistics.median(b):.1f} | {', '.join(f'{v:.1f}' for v in b)} | {ratio:.2f}x |"
-        )
-    table = "\n".join(lines)
+        per_job = max(1, (os.cpu_count() or 1) // args.jobs)
+        for procs, values, speed in ((1, a, "1.00x"), (args.jobs, b, f"{ratio:.2f}x")):
+            each = ", ".join(f"{v:.1f}" for v in values)
+            cores = f"{procs} x {threads if procs == 1 else per_job}"
+            table_rows.append((label, cores, f"{statistics.median(values):.1f}", each, speed))
+    table = md_table(
+        (
+            "what",
+            "processes x torch threads",
+            "median s",
+            "per repeat s",
+            "speed-up (median of per-repeat ratios)",
+        ),
+        table_rows,
+    )
     print(table)
+    if args.no_write:
+        return
     write_section(
         "bench_jobs",
         "### Worker processes on one machine (`--jobs`)\n\n"

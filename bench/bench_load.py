@@ -21,8 +21,6 @@ import multiprocessing
 import os
 import resource
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +28,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench_common import machine, write_section
+from bench_common import arguments, machine, run_child, write_section
+from engine.models.checkpoints import save_checkpoint
+from engine.models.factory import create
+from engine.run.layout import RunLayout
+from engine.run.manifest import open_manifest
 
 MODES = ("RGB", "RGB", "RGB", "L", "CMYK", "RGBA")  # RGBA is saved as PNG, the rest as JPEG
 WORDS = ("red", "green", "blue", "yellow", "purple", "orange", "circle", "square", "star", "cat")
@@ -98,89 +100,61 @@ def split(folder: Path, n_train: int, n_val: int) -> tuple[Path, Path]:
 
 
 EMBED_CHILD = """
-import json, resource, sys, time
-import torch
-from engine import data, embed, models, sources
-csv_path, ckpt, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
-pairs = sources.read_source(csv_path)
-bundle = models.create("trakview-tiny")
-models.load_into(bundle.model, ckpt)
+import sys, time
+from engine.data.loading import loader
+from engine.data.sources import read_source
+from engine.models.checkpoints import load_into
+from engine.models.embed import encode
+from engine.models.factory import create
+csv_path, ckpt, workers = sys.argv[2], sys.argv[3], int(sys.argv[4])
+pairs = read_source(csv_path)
+bundle = create("trakview-tiny")
+load_into(bundle.model, ckpt)
 t0 = time.perf_counter()
 n = 0
 chunks = []
-for _, x, tokens in data.loader(pairs, bundle.preprocess, bundle.tokenizer, 256, workers):
-    img, txt = embed.encode(bundle.model, x, tokens, batch_size=len(x))
+for _, x, tokens in loader(pairs, bundle.preprocess, bundle.tokenizer, 256, workers):
+    img, txt = encode(bundle.model, x, tokens, batch_size=len(x))
     chunks.append(img.numpy())
     n += len(x)
-seconds = time.perf_counter() - t0
-own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-print("BENCH", json.dumps({"seconds": seconds, "images": n, "main_mib": own, "worker_mib": kids}))
+result = {"seconds": time.perf_counter() - t0, "images": n}
 """
 
 
 def embed_stage(train: Path, ckpt: Path, workers: int) -> dict:
     """The embedding stage alone (stream, preprocess, encode), in its own process."""
-    proc = subprocess.run(
-        [sys.executable, "-c", EMBED_CHILD, str(train), str(ckpt), str(workers)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-3000:])
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH "))
-    result = json.loads(line[6:])
+    result = run_child(EMBED_CHILD, str(train), str(ckpt), str(workers))
     result["embed_img_s"] = result["images"] / result["seconds"]
     return result
 
 
-CHILD = """
-import json, resource, sys, time
-from engine.cli import app
-t0 = time.perf_counter()
-try:
-    app(sys.argv[1:], standalone_mode=False)
-finally:
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print("BENCH", json.dumps({"seconds": time.perf_counter() - t0, "main_mib": own,
-                               "worker_mib": workers}))
-"""
+BUILD_CHILD = "import sys; from engine.cli import app; app(sys.argv[2:], standalone_mode=False)"
 
 
 def build(train: Path, val: Path, ckpt: Path, out: Path, workers: int) -> dict:
+    """``trakview build`` in its own process; its seconds, peak memory, stages and sizes."""
     args = ["build", "--train-data", str(train), "--val-data", str(val), "--checkpoint", str(ckpt)]
     args += ["--out", str(out), "--workers", str(workers), "--overwrite"]
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD, *args], capture_output=True, text=True, check=False
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-3000:])
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH "))
-    result = json.loads(line[6:])
-    stages = {p.stem: json.loads(p.read_text()) for p in (out / "stages").glob("*.json")}
+    result = run_child(BUILD_CHILD, *args)
+    layout = RunLayout(out)
+    stages = {name: layout.read_stage(name) for name in layout.stages()}
     result["stages"] = {k: v.get("seconds") for k, v in stages.items()}
     result["embed_img_s"] = stages["embed-0"]["images_per_second"]
-    manifest = json.loads((out / "manifest.json").read_text())
-    result["n_train"], result["proj_dim"] = (
-        manifest["counts"]["n_train"],
-        manifest["counts"]["proj_dim"],
-    )
+    counts = open_manifest(out).counts
+    result["n_train"], result["proj_dim"] = counts.n_train, counts.proj_dim
     arrays = sum(p.stat().st_size for p in out.rglob("*.npy")) + sum(
-        p.stat().st_size for p in (out / "trak").rglob("*") if p.is_file()
+        p.stat().st_size for p in layout.trak_dir.rglob("*") if p.is_file()
     )
     result["run_arrays_mib"] = arrays / 2**20
     return result
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = arguments(__doc__)
     parser.add_argument("--n", type=int, default=20000, help="training images of the big build")
     parser.add_argument("--small", type=int, default=5000, help="training images, small build")
     parser.add_argument("--val", type=int, default=500, help="validation images")
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "tv-load")
-    parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     parser.add_argument(
         "--full",
         action="store_true",
@@ -188,15 +162,11 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from engine import models
-
     args.data.mkdir(parents=True, exist_ok=True)
     make_data(args.data, args.n + args.val)
     ckpt = args.data / "tiny.pt"
     if not ckpt.is_file():
-        models.save_checkpoint(
-            ckpt, models.create("trakview-tiny", seed=0).model, epoch=0, name="trakview-tiny"
-        )
+        save_checkpoint(ckpt, create("trakview-tiny", seed=0).model, epoch=0, name="trakview-tiny")
     if not args.full:
         embed_only(args, ckpt)
         return

@@ -10,6 +10,7 @@ come from the runs' manifests (``units``); the estimate combines them with the G
 measured in the ``bench_gpu`` section of BENCHMARKS.md.
 
     python bench/bench_ray.py [--demo DIR] [--repeats 2] [--results JSON] [--from-json]
+    python bench/bench_ray.py --quick --repeats 1   # a small demo, to check the script; no write
 """
 
 from __future__ import annotations
@@ -24,13 +25,31 @@ import statistics
 import tempfile
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from bench_common import BENCHMARKS, machine, write_section
-from engine import attribute, data, demo, executors, models
-from engine.trak import select_parameters
+from bench_common import (
+    QUICK_DEMO,
+    QUICK_DEMO_DIR,
+    arguments,
+    machine,
+    read_section,
+    warm_up,
+    write_section,
+)
+from engine import demo, files
+from engine.attribution.gradients import select_parameters
+from engine.attribution.projection import projector_for
+from engine.attribution.settings import BuildConfig
+from engine.build.executors import Executor, LocalExecutor, RayExecutor
+from engine.build.orchestrate import build
+from engine.data.pairs import read_pairs
+from engine.models.checkpoints import read_state_dict
+from engine.models.factory import create
+from engine.run.layout import SCORES, RunLayout
+from engine.run.manifest import open_manifest
 
 os.environ.setdefault("RAY_worker_niceness", "0")  # read by the raylet that ray.init starts
 
@@ -61,7 +80,7 @@ def kind_of(unit: str) -> str:
 def build_once(label: str, train, val, cfg, folder: Path) -> dict:
     kind, threads, cpus = CONFIGS[label]
     torch.set_num_threads(threads)
-    executor: executors.Executor = executors.LocalExecutor(jobs=1)  # this process, as labelled
+    executor: Executor = LocalExecutor(jobs=1)  # this process, as labelled
     cluster_s = 0.0
     if kind == "ray":
         import ray
@@ -69,22 +88,22 @@ def build_once(label: str, train, val, cfg, folder: Path) -> dict:
         t0 = time.perf_counter()
         ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR")
         cluster_s = time.perf_counter() - t0
-        executor = executors.RayExecutor()
+        executor = RayExecutor()
     out = folder / label.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
     t0 = time.perf_counter()
     try:
-        attribute.build(train, val, cfg, out, overwrite=True, executor=executor)
+        build(train, val, cfg, out, overwrite=True, executor=executor)
     finally:
         if kind == "ray":
             ray.shutdown()
     wall = time.perf_counter() - t0
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = open_manifest(out)
     shutil.rmtree(out)
     return {
         "wall": wall,
-        "graph": manifest["executor"]["graph_seconds_this_session"],
+        "graph": manifest.executor["graph_seconds_this_session"],
         "cluster": cluster_s,
-        "units": manifest["units"],
+        "units": manifest.units,
         "load": os.getloadavg()[0],
     }
 
@@ -107,13 +126,13 @@ def per_kind(units: list[dict]) -> dict[str, dict[str, float]]:
 
 def gpu_numbers() -> dict[str, float | str]:
     """ViT-B-32 throughput on one GPU from the bench_gpu section (or stated assumptions)."""
-    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else ""
-    section = re.search(r"<!-- bench_gpu:start -->(.*?)<!-- bench_gpu:end -->", text, re.S)
-    body = section.group(1) if section else ""
+    body = read_section("bench_gpu")
     gpu = re.search(r"NVIDIA [^,;]+", body)
     feat = re.search(r"\| ViT-B-32 \| demo \| sketch \| 1024 \| 64 \| no \| (\d+) \|", body)
     worst = re.search(r"\| ViT-B-32 \| random \| sketch \| 1024 \| 64 \| no \| (\d+) \|", body)
-    emb = re.search(r"\| fp32 \(engine.embed.encode\) \| 256 \| (\d+) \| (\d+) \|", body)
+    emb = re.search(
+        r"\| fp32 \(engine(\.models)?\.embed\.encode\) \| 256 \| (\d+) \| (\d+) \|", body
+    )
     if not (feat and worst and emb):
         return {
             "source": "assumed (no bench_gpu section): refresh with bench/bench_gpu.py",
@@ -128,8 +147,8 @@ def gpu_numbers() -> dict[str, float | str]:
         "gpu": gpu.group(0).strip() if gpu else "the bench_gpu GPU",
         "featurize": float(feat.group(1)),
         "featurize_worst": float(worst.group(1)),
-        "images": float(emb.group(1)),
-        "captions": float(emb.group(2)),
+        "images": float(emb.group(2)),
+        "captions": float(emb.group(3)),
     }
 
 
@@ -138,38 +157,31 @@ def setup_costs(folder: Path) -> dict[str, float]:
     its weights from disk, and the run's 1M-line train.jsonl."""
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    bundle = models.create("ViT-B-32")
-    create = time.perf_counter() - t0
+    bundle = create("ViT-B-32")
+    create_s = time.perf_counter() - t0
     ckpt = folder / "vitb32.pt"
     torch.save(bundle.model.state_dict(), ckpt)
     t0 = time.perf_counter()
-    models.read_state_dict(ckpt)
+    read_state_dict(ckpt)
     weights = time.perf_counter() - t0
-    cfg = attribute.BuildConfig(checkpoints=["-"], proj_dim=1024, projector="sketch")
+    cfg = BuildConfig(checkpoints=["-"], proj_dim=1024, projector="sketch")
     names = select_parameters(bundle.model, "all")
     t0 = time.perf_counter()
-    projector = attribute.projector_for(bundle.model, cfg, names)
-    shapes = projector.param_shapes
-    projector.project(  # the sketch's buckets and signs are drawn on the first batch
-        {"dense": {n: torch.zeros(1, *shapes[n]) for n in projector.dense_names}, "token": None},
-        model_id=0,
-    )
+    warm_up(projector_for(bundle.model, cfg, names))  # the sketch's buckets and signs
     sketch = time.perf_counter() - t0
     size_mb = ckpt.stat().st_size / 2**20
     ckpt.unlink()
-    pairs = folder / "train.jsonl"
-    with open(pairs, "w") as fh:
-        for i in range(1_000_000):
-            fh.write(
-                json.dumps({"id": f"p{i:07d}", "caption": f"a photo {i}", "image": f"{i}.jpg"})
-            )
-            fh.write("\n")
+    pairs = RunLayout(folder).pairs("train")
+    files.write_jsonl(
+        pairs,
+        ({"id": f"p{i:07d}", "caption": f"a photo {i}", "image": f"{i}.jpg"} for i in range(10**6)),
+    )
     t0 = time.perf_counter()
-    data.read_pairs(pairs)
+    read_pairs(pairs)
     read = time.perf_counter() - t0
     pairs.unlink()
     return {
-        "create": create,
+        "create": create_s,
         "weights": weights,
         "weights_mb": size_mb,
         "sketch": sketch,
@@ -226,7 +238,7 @@ def estimate(gpu: dict, setup: dict) -> tuple[str, float]:
             score_units * m * n * k * 4 / gb / storage,
         ),
         (
-            "gather-scores (40 GB scores.npy)",
+            f"gather-scores (40 GB {SCORES})",
             1,
             setup["pairs"],
             0.0,
@@ -268,17 +280,25 @@ def estimate(gpu: dict, setup: dict) -> tuple[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--demo", type=Path, default=Path(tempfile.gettempdir()) / "tv-ray-demo")
+    parser = arguments(__doc__)
+    parser.add_argument("--demo", type=Path, help="default: TMP/tv-ray-demo (--quick: its own)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument(
         "--results", type=Path, default=Path(tempfile.gettempdir()) / "bench_ray.json"
     )
     parser.add_argument("--from-json", action="store_true", help="only write the section")
     parser.add_argument("--note", default="", help="a paragraph added to the section")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="the small demo world of bench_eval --quick, its final checkpoints (implies --no-write)",
+    )
     args = parser.parse_args()
+    cfg_demo = replace(QUICK_DEMO, snapshots=1) if args.quick else demo.DemoConfig()
+    if args.demo is None:
+        args.demo = QUICK_DEMO_DIR if args.quick else Path(tempfile.gettempdir()) / "tv-ray-demo"
     if not args.from_json:
-        measure(args)
+        measure(args, cfg_demo)
     saved = json.loads(args.results.read_text())
     if "setup" not in saved:  # measurement stopped early: the builds saved so far
         with tempfile.TemporaryDirectory() as tmp:
@@ -286,16 +306,15 @@ def main() -> None:
         saved["load_end"] = os.getloadavg()[0]
         saved["repeats"] = 1 + max(b["repeat"] for b in saved["builds"])
         args.results.write_text(json.dumps(saved))
-    write(saved, args.note)
+    write(saved, args.note, args.no_write or args.quick)
 
 
-def measure(args: argparse.Namespace) -> None:
+def measure(args: argparse.Namespace, cfg_demo: demo.DemoConfig) -> None:
     """Runs the builds, saving every result to --results as it comes."""
     saved = {"load_start": os.getloadavg()[0], "repeats": args.repeats, "builds": []}
-    cfg_demo = demo.DemoConfig()
     train, val = demo.make_world(cfg_demo, args.demo / "data")
     checkpoints = demo.train_models(cfg_demo, train, args.demo / "models")
-    cfg = attribute.BuildConfig(
+    cfg = BuildConfig(
         model=cfg_demo.model, checkpoints=[str(p) for p in checkpoints], seed=cfg_demo.seed
     )
     with tempfile.TemporaryDirectory() as tmp:
@@ -310,7 +329,7 @@ def measure(args: argparse.Namespace) -> None:
     args.results.write_text(json.dumps(saved))
 
 
-def write(saved: dict, note: str = "") -> None:
+def write(saved: dict, note: str = "", no_write: bool = False) -> None:
     """The bench_ray section of BENCHMARKS.md from the saved results."""
     import ray
 
@@ -352,7 +371,7 @@ def write(saved: dict, note: str = "") -> None:
 |---|---|---:|---:|---:|---:|---:|
 {chr(10).join(rows)}
 
-*build*: `attribute.build` from start to manifest (pairs check, units, top-k, ensemble, self-influence, indexes); *graph*: the units alone. {note}
+*build*: `engine.build.orchestrate.build` from start to manifest (pairs check, units, top-k, ensemble, self-influence, indexes); *graph*: the units alone. {note}
 
 **Per-unit costs** (least loaded build of each executor; median seconds per unit; per pair: the unit kind's total seconds / its pairs, in ms: an embed unit's images of one split, a featurize unit's training pairs of one checkpoint, a targets unit's validation pairs, a scores unit's validation pairs over all checkpoints). *Ray overhead*: a unit on a Ray worker minus the same unit in-process, both on one thread: the task makes its own model, weights, pairs and projection (the local executor keeps them between units).
 
@@ -367,7 +386,8 @@ def write(saved: dict, note: str = "") -> None:
 Not in the table: the stages the driver runs after the units. `ensemble` computes each split's caption ranks from an (n, n) similarity matrix (`embed.caption_ranks`): 4 TB at 1M pairs, so a 1M-pair build cannot finish until it is computed in blocks (O(n^2 d): about 2e15 FLOP, minutes on a GPU, hours on the driver's CPU); self-influence reads X and the features in blocks (32 GB); the TRAK index holds 1M x 4096 float32 (16 GB) in memory to train IVF. On this machine (2 cores) Ray cannot beat the in-process build: both use the same 2 cores, and each Ray task pays its own setup; the point of Ray is more machines.
 """
     print(body)
-    write_section("bench_ray", body)
+    if not no_write:
+        write_section("bench_ray", body)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Influencer search: exact faiss flat vs IVF-Flat (engine.index) vs numpy matmul + argpartition.
+"""Influencer search: exact faiss flat vs IVF-Flat (engine.search) vs numpy matmul + argpartition.
 
 For 10k, 100k and 1M training vectors of the demo run's TRAK dimension (M*k = 4*512 = 2048,
 float32) it times top-10 positive + top-10 negative influencers for one query, and for a batch
@@ -16,13 +16,11 @@ mixture. Clusters flatter IVF; the ``--run`` table shows what real (whitened) TR
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import gc
 import os
 import platform
 import re
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -31,14 +29,14 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from engine import index, store  # noqa: E402
+from bench_common import BENCHMARKS, arguments, median_seconds, write_section
+from bench_common import machine as machine_common
+from engine.run.layout import INDEX_META, RunLayout
+from engine.search import faiss_ops
+from engine.search.run_indexes import trak_query_vectors, trak_train_vectors
 
 K = 10
 CHUNK = 50_000
-START, END = "<!-- bench_search:start -->", "<!-- bench_search:end -->"
 
 
 class Mixture:
@@ -66,13 +64,7 @@ class Mixture:
 
 
 def median_ms(fn: Callable[[], object], reps: int) -> float:
-    fn()  # warm-up (page-in, thread pool start)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    return 1e3 * median_seconds(fn, reps)  # after a warm-up (page-in, thread pool start)
 
 
 def numpy_single(x: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -134,19 +126,19 @@ def bench_exact(n: int, mix: Mixture, qs: dict[str, np.ndarray], reps_batch: int
     out = {
         "build": build,
         "np1": time_single(lambda q: numpy_single(x, q), single),
-        "flat1": time_single(lambda q: index.top_influencers(flat, q, K, threads=1), single),
-        "flat2": time_single(lambda q: index.top_influencers(flat, q, K, threads=2), single),
+        "flat1": time_single(lambda q: faiss_ops.top_influencers(flat, q, K, threads=1), single),
+        "flat2": time_single(lambda q: faiss_ops.top_influencers(flat, q, K, threads=2), single),
         "np_batch": median_ms(lambda: numpy_batch(x, qs["batch"]), reps_batch),
-        "flat_batch": median_ms(lambda: index.search(flat, both, K), reps_batch),
-        "truth_held": index.search(flat, both, K)[1],
-        "truth_tune": index.search(flat, qs["tune"], K)[1],
+        "flat_batch": median_ms(lambda: faiss_ops.search(flat, both, K), reps_batch),
+        "truth_held": faiss_ops.search(flat, both, K)[1],
+        "truth_tune": faiss_ops.search(flat, qs["tune"], K)[1],
     }
     log(f"n={n:,}: exact timings done")
     if not np.array_equal(
-        numpy_single(x, single[0])[0], index.top_influencers(flat, single[0], K)[0]
+        numpy_single(x, single[0])[0], faiss_ops.top_influencers(flat, single[0], K)[0]
     ):
         print(f"warning: numpy and faiss flat disagree at n={n} (ties?)", file=sys.stderr)
-    nlist = index.resolve_nlist(n)
+    nlist = faiss_ops.resolve_nlist(n)
     rows = np.sort(np.random.default_rng(0).choice(n, min(n, 64 * nlist), replace=False))
     out["train"] = np.array(x[rows])  # (64 nlist, d), a copy that outlives the index
     return out
@@ -155,8 +147,8 @@ def bench_exact(n: int, mix: Mixture, qs: dict[str, np.ndarray], reps_batch: int
 def bench_ivf(
     n: int, mix: Mixture, qs: dict[str, np.ndarray], exact: dict, reps_batch: int
 ) -> dict:
-    """IVF-Flat built as engine.index.ivf_index builds it, but filled chunk by chunk."""
-    nlist = index.resolve_nlist(n)
+    """IVF-Flat built as engine.search.faiss_ops.ivf_index builds it, but filled chunk by chunk."""
+    nlist = faiss_ops.resolve_nlist(n)
     t0 = time.perf_counter()
     ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(mix.dim), mix.dim, nlist, faiss.METRIC_INNER_PRODUCT)
     ivf.cp.seed, ivf.cp.max_points_per_centroid = 0, 64
@@ -166,15 +158,15 @@ def bench_ivf(
         ivf.add(mix.rows(s, min(n, s + CHUNK)))
     build = time.perf_counter() - t0
     log(f"n={n:,}: IVF built in {build:.1f} s")
-    nprobe, _ = index.tune_nprobe(ivf, qs["tune"], exact["truth_tune"], 0.95)
+    nprobe, _ = faiss_ops.tune_nprobe(ivf, qs["tune"], exact["truth_tune"], 0.95)
     log(f"n={n:,}: nprobe {nprobe} of {nlist}")
     single, both = qs["single"], qs["both"]
     return {
         "build": build,
-        "s1": time_single(lambda q: index.top_influencers(ivf, q, K, threads=1), single),
-        "s2": time_single(lambda q: index.top_influencers(ivf, q, K, threads=2), single),
-        "batch": median_ms(lambda: index.search(ivf, both, K), reps_batch),
-        "recall": index.recall_at_k(index.search(ivf, both, K)[1], exact["truth_held"]),
+        "s1": time_single(lambda q: faiss_ops.top_influencers(ivf, q, K, threads=1), single),
+        "s2": time_single(lambda q: faiss_ops.top_influencers(ivf, q, K, threads=2), single),
+        "batch": median_ms(lambda: faiss_ops.search(ivf, both, K), reps_batch),
+        "recall": faiss_ops.recall_at_k(faiss_ops.search(ivf, both, K)[1], exact["truth_held"]),
         "params": f"nlist {nlist}, nprobe {nprobe}",
     }
 
@@ -215,39 +207,34 @@ def bench_size(n: int, mix: Mixture, reps_single: int, reps_batch: int) -> list[
             recall=1.0,
             params="q and -q in one search call",
         ),
-        dict(n=n, method="faiss IVF-Flat (engine.index)", **ivf),
+        dict(n=n, method="faiss IVF-Flat (engine.search)", **ivf),
     ]
 
 
 def real_run_recall(run: Path) -> list[tuple[int, int, float, float]]:
     """(nlist, nprobe, fraction scanned, recall@10) on a run's real TRAK vectors and targets."""
-    vectors = index.trak_train_vectors(run)
-    targets = index.trak_query_vectors(run)
+    vectors = trak_train_vectors(run)
+    targets = trak_query_vectors(run)
     queries = np.vstack([targets, -targets])
-    _, truth = index.exact_search(vectors, queries, K)
-    nlist = index.resolve_nlist(len(vectors))
-    ivf = index.ivf_index(vectors, nlist)
+    _, truth = faiss_ops.exact_search(vectors, queries, K)
+    nlist = faiss_ops.resolve_nlist(len(vectors))
+    ivf = faiss_ops.ivf_index(vectors, nlist)
     out, nprobe = [], 1
     while True:
         ivf.nprobe = min(nprobe, nlist)
-        found = index.search(ivf, queries, K)[1]
-        out.append((nlist, ivf.nprobe, ivf.nprobe / nlist, index.recall_at_k(found, truth)))
+        found = faiss_ops.search(ivf, queries, K)[1]
+        out.append((nlist, ivf.nprobe, ivf.nprobe / nlist, faiss_ops.recall_at_k(found, truth)))
         if ivf.nprobe == nlist:
             return out
         nprobe *= 2
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
     mem = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
     return (
-        f"{cpu}, {os.cpu_count()} cores, {mem / 2**20:.0f} GiB RAM, no GPU "
-        f"(faiss.get_num_gpus() = {faiss.get_num_gpus()}); Python {platform.python_version()}, "
-        f"numpy {np.__version__}, faiss {faiss.__version__}"
+        f"{machine_common()}, {mem / 2**20:.0f} GiB RAM (faiss.get_num_gpus() = "
+        f"{faiss.get_num_gpus()}); Python {platform.python_version()}, numpy {np.__version__}, "
+        f"faiss {faiss.__version__}"
     )
 
 
@@ -329,30 +316,18 @@ def findings(rows: list[dict], real: list) -> list[str]:
             f"Real TRAK vectors of the demo run: recall@10 >= 0.95 needs nprobe {hit[1]} of "
             f"{nlist} lists ({hit[2]:.0%} scanned). Finalized TRAK features are whitened by "
             "(X^T X)^-1 and have little cluster structure, unlike the synthetic mixture above; "
-            "the synthetic IVF rows are optimistic for the TRAK index, and index.json records "
+            f"the synthetic IVF rows are optimistic for the TRAK index, and {INDEX_META} records "
             "the recall and nprobe measured on each run's own vectors."
         )
     return out
 
 
-def write_section(path: Path, body: str) -> None:
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    section = f"{START}\n### Influencer search: faiss flat vs IVF vs numpy\n\n{body}\n{END}"
-    if START in text and END in text:
-        text = text[: text.index(START)] + section + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    with store.atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = arguments(__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--dim", type=int, default=2048, help="M*k of the vectors")
     parser.add_argument("--run", type=Path, default=Path("/tmp/demo-full/run"))
-    parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
-    parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--out", type=Path, default=BENCHMARKS)
     args = parser.parse_args()
 
     mix = Mixture(args.dim)
@@ -368,12 +343,14 @@ def main() -> None:
         t0 = time.perf_counter()
         rows += bench_size(n, mix, reps_single, reps_batch)
         print(f"n={n:,}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    real = real_run_recall(args.run) if (args.run / "manifest.json").is_file() else []
+    real = real_run_recall(args.run) if RunLayout(args.run).manifest.is_file() else []
     load = (load_start, os.getloadavg()[0])
     body = render(rows, skipped, real, args.run if real else None, args.dim, load)
     print(body)
     if not args.no_write:
-        write_section(args.out, body)
+        write_section(
+            "bench_search", f"### Influencer search: faiss flat vs IVF vs numpy\n\n{body}", args.out
+        )
 
 
 if __name__ == "__main__":

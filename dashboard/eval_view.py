@@ -13,8 +13,9 @@ from typing import Any
 import plotly.graph_objects as go
 import streamlit as st
 
-from dashboard.ui import BLUE, GREEN, GREY, RED
-from engine import evaluate
+from dashboard.plots import BLUE, GREEN, GREY, RED
+from engine.evaluate.lds import read_lds
+from engine.evaluate.removal import read_removal
 
 LABELS = {
     "trak": "TRAK (trakview)",
@@ -100,7 +101,7 @@ def removal_figure(summary: list[dict[str, Any]]) -> go.Figure:
 
 def lds_section(run: Path) -> None:
     """The LDS table and plot, or how to compute them."""
-    result = evaluate.read_lds(run)
+    result = read_lds(run)
     if result is None:
         st.info(
             f"No LDS evaluation yet: `trakview eval lds {run}` trains models on random halves of "
@@ -139,7 +140,7 @@ def lds_section(run: Path) -> None:
 
 def removal_section(run: Path) -> None:
     """The removal experiment's summary table and plot, when there is one."""
-    result = evaluate.read_removal(run)
+    result = read_removal(run)
     if result is None:
         st.info(
             f"No removal experiment yet: `trakview eval remove {run} --targets 20` retrains "
@@ -175,9 +176,9 @@ def removal_section(run: Path) -> None:
 
 def pair_check(run: Path, val_id: str, row: int) -> None:
     """A validation pair's removal result and LDS, when the run's evaluation has them."""
-    removal = evaluate.read_removal(run)
+    removal = read_removal(run)
     entry = (removal or {}).get("targets", {}).get(val_id)
-    lds = evaluate.read_lds(run)
+    lds = read_lds(run)
     per_target = ((lds or {}).get("methods", {}).get("trak") or {}).get("per_target")
     if entry is None and per_target is None:
         return

@@ -15,21 +15,14 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 from PIL import Image
-from plotly.subplots import make_subplots
 
-from dashboard.state import Run
-from engine import export
-from engine.query import Influencer, QueryResult
+from dashboard import plots, state
+from dashboard.plots import COLOUR, TITLE
+from engine.explore import export
+from engine.explore.results import Influencer, QueryResult
+from engine.explore.view import RunView
 
-GREEN, RED, BLUE, GREY = "#1a9850", "#d73027", "#4575b4", "#b0b0b0"
-COLOUR = {"positive": GREEN, "negative": RED, "similar": BLUE}
 MD_COLOUR = {"positive": "green", "negative": "red", "similar": "blue", "suspect": "orange"}
-TITLE = {
-    "positive": "Helps most",
-    "negative": "Hurts most",
-    "similar": "Most similar images (CLIP)",
-    "suspect": "Most suspect",
-}
 HELP = {
     "positive": "Training pairs whose presence raises the model's CLIP margin for this pair "
     "(positive TRAK score).",
@@ -67,7 +60,7 @@ def _first_page() -> None:
     st.session_state["picker-page"] = 1
 
 
-def val_picker(run: Run, selected: str) -> None:
+def val_picker(run: RunView, selected: str) -> None:
     """Search box, random button and a paged thumbnail grid of validation pairs.
 
     A click selects a pair through ``choose_val`` (``st.session_state[VAL_KEY]``).
@@ -88,8 +81,7 @@ def val_picker(run: Run, selected: str) -> None:
         on_change=_first_page,
         label_visibility="collapsed",
     )
-    with st.spinner("Embedding the query…"):
-        rows = run.search_val(text, mode)
+    rows = state.search_val(run, state.run_key(run), text, mode)
     ids = [str(run.val[j]["id"]) for j in rows]
     st.button(
         "Random pair",
@@ -171,7 +163,7 @@ def k_input(key: str, default: int = 6) -> int:
 
 
 def gallery(
-    run: Run,
+    run: RunView,
     cards: Sequence[Influencer],
     sign: str,
     key: str,
@@ -218,7 +210,7 @@ def _caption(text: str) -> str:
     return f'<div class="tv-cap" title="{text}">{text}</div>'
 
 
-def compact_list(run: Run, cards: Sequence[Influencer], sign: str, key: str) -> int | None:
+def compact_list(run: RunView, cards: Sequence[Influencer], sign: str, key: str) -> int | None:
     """A narrow column of small cards (image beside text); returns the row opened, if any."""
     st.markdown(f"#### :{MD_COLOUR[sign]}[{TITLE[sign]}]", help=HELP.get(sign))
     opened = None
@@ -236,7 +228,7 @@ def compact_list(run: Run, cards: Sequence[Influencer], sign: str, key: str) -> 
 
 
 def export_buttons(
-    run: Run, result: QueryResult, key: str, query_image: Image.Image | None = None
+    run: RunView, result: QueryResult, key: str, query_image: Image.Image | None = None
 ) -> None:
     """Download buttons (zip, html, png, csv) for a result's helps/hurts galleries.
 
@@ -251,142 +243,13 @@ def export_buttons(
         for fmt, mime in mimes.items():
             st.download_button(
                 fmt.upper(),
-                data=lambda fmt=fmt: export.gallery_bytes(run.path, result, fmt, query_image),
+                data=lambda fmt=fmt: export.gallery_bytes(run.run, result, fmt, query_image),
                 file_name=f"trakview-{name}.{fmt}",
                 mime=mime,
                 key=f"{key}-export-{fmt}",
                 on_click="ignore",
                 icon=":material/download:",
             )
-
-
-# --- plots ---------------------------------------------------------------------------------------
-
-
-def _layout(fig: go.Figure, title: str, x: str, y: str) -> go.Figure:
-    fig.update_layout(
-        title=dict(
-            text=f"<b>{title}</b>", font=dict(size=15, color="#31333f"), x=0.5, xanchor="center"
-        ),
-        xaxis_title=x,
-        yaxis_title=y,
-        height=360,
-        margin=dict(l=10, r=10, t=40, b=10),
-        showlegend=True,
-        legend=dict(orientation="h", y=-0.22),
-    )
-    return fig
-
-
-def score_histogram(scores: np.ndarray, pos: list[Influencer], neg: list[Influencer]):
-    """Distribution of the target's scores over all training pairs, shown top-k marked."""
-    fig = go.Figure(go.Histogram(x=scores, nbinsx=80, marker_color=GREY, name="all training"))
-    for cards, sign in ((pos, "positive"), (neg, "negative")):
-        fig.add_trace(
-            go.Scatter(
-                x=[c.score for c in cards],
-                y=[0.6] * len(cards),
-                mode="markers",
-                marker=dict(symbol="triangle-up", size=11, color=COLOUR[sign]),
-                name=f"shown: {TITLE[sign].lower()}",
-                text=[c.id for c in cards],
-                hovertemplate="%{text}: %{x:.4f}<extra></extra>",
-            )
-        )
-    fig.update_yaxes(type="log", dtick=1)
-    return _layout(fig, "Scores of all training pairs", "TRAK score", "pairs (log)")
-
-
-def _points(fig: go.Figure, col: int, x: np.ndarray, y: np.ndarray, idx, ids, **kw) -> None:
-    fig.add_trace(
-        go.Scattergl(
-            x=x[idx],
-            y=y[idx],
-            mode="markers",
-            customdata=idx,
-            text=[ids[i] for i in idx],
-            hovertemplate="%{text}<br>x %{x:.3f}, y %{y:.4f}<extra></extra>",
-            **kw,
-        ),
-        row=1,
-        col=col,
-    )
-
-
-def influence_maps(
-    scores: np.ndarray,
-    similarity: np.ndarray,
-    coords: np.ndarray,
-    ids: list[str],
-    pos: list[Influencer],
-    neg: list[Influencer],
-) -> go.Figure:
-    """Two views of all training pairs, one figure (one WebGL canvas, so it redraws faster).
-
-    Left: TRAK score against CLIP image similarity. Right: the 2-D PCA map of the training
-    images coloured by the target's scores. The shown top-k are highlighted in both.
-    """
-    fig = make_subplots(
-        rows=1,
-        cols=2,
-        horizontal_spacing=0.1,
-        subplot_titles=["<b>Influence vs. similarity</b>", "<b>Map of training images (PCA)</b>"],
-    )
-    fig.update_annotations(font=dict(size=15, color="#31333f"))
-    shown_pos = np.array([c.index for c in pos], dtype=int)
-    shown_neg = np.array([c.index for c in neg], dtype=int)
-    rest = np.setdiff1d(np.arange(len(scores)), np.concatenate([shown_pos, shown_neg]))
-    _points(fig, 1, similarity, scores, rest, ids, marker=dict(color=GREY, size=4), name="other")
-    for idx, sign in ((shown_pos, "positive"), (shown_neg, "negative")):
-        _points(
-            fig,
-            1,
-            similarity,
-            scores,
-            idx,
-            ids,
-            marker=dict(color=COLOUR[sign], size=9, line=dict(width=1, color="white")),
-            name=f"shown: {TITLE[sign].lower()}",
-        )
-    lim = float(np.abs(scores).max()) or 1.0
-    order = np.argsort(np.abs(scores), kind="stable")  # strongest drawn last, on top
-    _points(
-        fig,
-        2,
-        coords[:, 0],
-        coords[:, 1],
-        order,
-        ids,
-        marker=dict(
-            color=scores[order],
-            colorscale=[[0, RED], [0.5, "#eeeeee"], [1, GREEN]],
-            cmin=-lim,
-            cmax=lim,
-            size=6,
-            colorbar=dict(title="score", thickness=10),
-        ),
-        name="training images (colour: score)",
-    )
-    _points(
-        fig,
-        2,
-        coords[:, 0],
-        coords[:, 1],
-        np.concatenate([shown_pos, shown_neg]),
-        ids,
-        marker=dict(size=11, color="rgba(0,0,0,0)", line=dict(width=1.5, color="black")),
-        name="shown in galleries",
-    )
-    fig.update_xaxes(title_text="CLIP image similarity", row=1, col=1)
-    fig.update_yaxes(title_text="TRAK score", row=1, col=1)
-    fig.update_xaxes(title_text="PC 1", showticklabels=False, row=1, col=2)
-    fig.update_yaxes(title_text="PC 2", showticklabels=False, row=1, col=2)
-    fig.update_layout(
-        height=360,
-        margin=dict(l=10, r=10, t=40, b=10),
-        legend=dict(orientation="h", y=-0.22),
-    )
-    return fig
 
 
 def plot(fig: go.Figure, key: str) -> int | None:
@@ -410,7 +273,7 @@ def plot(fig: go.Figure, key: str) -> int | None:
 
 
 @st.dialog("Training pair", width="large")
-def train_detail(run: Run, index: int) -> None:
+def train_detail(run: RunView, index: int) -> None:
     """A training pair: its image and caption, ground truth, and the validation pairs it moves."""
     rec = run.train[index]
     left, right = st.columns([1, 3])
@@ -420,7 +283,7 @@ def train_detail(run: Run, index: int) -> None:
         st.markdown(f"`{rec['id']}` · row {index}")
         if facts(rec):
             st.markdown(facts(rec))
-    row = np.asarray(run.engine.scores[index], dtype=np.float32)  # (n_val,)
+    row = np.asarray(run.scores[index], dtype=np.float32)  # (n_val,)
     n = min(5, len(row))
     for title, order, sign in (
         ("Validation pairs it helps most", np.argsort(-row, kind="stable")[:n], "positive"),
@@ -445,7 +308,7 @@ def train_detail(run: Run, index: int) -> None:
 
 
 def influence_view(
-    run: Run, result: QueryResult, k: int, key: str, query_image: Image.Image | None = None
+    run: RunView, result: QueryResult, k: int, key: str, query_image: Image.Image | None = None
 ) -> None:
     """Galleries (helps / hurts / similar), export buttons and the score plots."""
     ids = [str(r["id"]) for r in run.train]
@@ -462,9 +325,9 @@ def influence_view(
     st.caption("Click a point to open that training pair.")
     left, right = st.columns([1, 2])
     with left:
-        plot(score_histogram(result.scores, pos, neg), f"{key}-hist")
+        plot(plots.score_histogram(result.scores, pos, neg), f"{key}-hist")
     with right:
-        fig = influence_maps(result.scores, result.train_similarity, run.pca, ids, pos, neg)
+        fig = plots.influence_maps(result.scores, result.train_similarity, run.pca, ids, pos, neg)
         clicks.append(plot(fig, f"{key}-maps"))
     opened = first(clicks)
     if opened is not None:

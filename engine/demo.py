@@ -16,7 +16,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine import attribute, data, models, store, synthetic, train
+from engine.attribution.settings import BuildConfig
+from engine.build.orchestrate import build
+from engine.data import synthetic
+from engine.data.loading import image_tensors, tokenize
+from engine.data.pairs import PairSet, pair_list_path, read_pairs, save_pairs
+from engine.models import train
+from engine.models.factory import create
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +41,18 @@ class DemoConfig:
     seed: int = 0  # world, training and attribution seed
 
 
-def make_world(cfg: DemoConfig, folder: Path) -> tuple[data.PairSet, data.PairSet]:
+def make_world(cfg: DemoConfig, folder: Path) -> tuple[PairSet, PairSet]:
     """Generates the world into ``folder`` unless it is already there; returns its two splits."""
-    train_jsonl, val_jsonl = folder / "train.jsonl", folder / "val.jsonl"
+    train_jsonl, val_jsonl = pair_list_path(folder, "train"), pair_list_path(folder, "val")
     if not (train_jsonl.is_file() and val_jsonl.is_file()):
         t0 = time.perf_counter()
         world = synthetic.generate_world(
             synthetic.WorldConfig(n_train=cfg.n_train, n_val=cfg.n_val, seed=cfg.seed)
         )
-        store.save_pairs(folder, "val", world.val, world.val_images)
-        store.save_pairs(folder, "train", world.train, world.train_images)
+        save_pairs(folder, "val", world.val, world.val_images)
+        save_pairs(folder, "train", world.train, world.train_images)
         log.info("generated the demo world in %.1f s", time.perf_counter() - t0)
-    return data.read_pairs(train_jsonl), data.read_pairs(val_jsonl)
+    return read_pairs(train_jsonl), read_pairs(val_jsonl)
 
 
 def train_config(cfg: DemoConfig) -> train.TrainConfig:
@@ -62,15 +68,15 @@ def train_config(cfg: DemoConfig) -> train.TrainConfig:
     )
 
 
-def train_models(cfg: DemoConfig, train_pairs: data.PairSet, folder: Path) -> list[Path]:
+def train_models(cfg: DemoConfig, train_pairs: PairSet, folder: Path) -> list[Path]:
     """Trains the demo ensemble into ``folder`` (finished members are skipped); returns every
     checkpoint to attribute, member by member, earliest epoch first."""
     tcfg = train_config(cfg)
     wanted = [p for m in range(cfg.members) for p in train.member_checkpoints(folder, m, tcfg)]
     if not all(p.is_file() for p in wanted):
-        bundle = models.create(cfg.model)
-        images = data.image_tensors(train_pairs, bundle.preprocess)
-        tokens = data.tokenize(bundle.tokenizer, train_pairs.captions)
+        bundle = create(cfg.model)
+        images = image_tensors(train_pairs, bundle.preprocess)
+        tokens = tokenize(bundle.tokenizer, train_pairs.captions)
         train.train_ensemble(images, tokens, tcfg, folder)
     return wanted
 
@@ -80,14 +86,14 @@ def run_demo(cfg: DemoConfig, out: str | Path) -> Path:
     out = Path(out)
     train_pairs, val_pairs = make_world(cfg, out / "data")
     checkpoints = train_models(cfg, train_pairs, out / "models")
-    build_cfg = attribute.BuildConfig(
+    build_cfg = BuildConfig(
         model=cfg.model, checkpoints=[str(p) for p in checkpoints], seed=cfg.seed
     )
     invocation = {  # the same run as a `trakview build` command (see RUN/run.toml)
-        "train_data": str(out / "data" / "train.jsonl"),
-        "val_data": str(out / "data" / "val.jsonl"),
+        "train_data": str(pair_list_path(out / "data", "train")),
+        "val_data": str(pair_list_path(out / "data", "val")),
         "checkpoint": [str(p) for p in checkpoints],
         "model": cfg.model,
         "seed": cfg.seed,
     }
-    return attribute.build(train_pairs, val_pairs, build_cfg, out / "run", invocation=invocation)
+    return build(train_pairs, val_pairs, build_cfg, out / "run", invocation=invocation)

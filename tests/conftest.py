@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import attribute, data, models, store, synthetic, train
+from engine.attribution.settings import BuildConfig
+from engine.build.orchestrate import build
+from engine.data import synthetic
+from engine.data.loading import image_tensors, tokenize
+from engine.data.pairs import PairSet, read_pairs, save_pairs
+from engine.models import train
+from engine.models.factory import create
 
 SMALL_WORLD = synthetic.WorldConfig(n_train=240, n_val=40, seed=3, near_duplicate_fraction=0.1)
 SMALL_TRAIN = train.TrainConfig(members=2, epochs=4, batch_size=60, lr=3e-3, warmup_steps=4)
@@ -33,29 +39,29 @@ def world_dir(tmp_path_factory) -> Path:
     """The small world on disk: train.jsonl, val.jsonl and PNGs."""
     folder = tmp_path_factory.mktemp("world")
     world = synthetic.generate_world(SMALL_WORLD)
-    store.save_pairs(folder, "train", world.train, world.train_images)
-    store.save_pairs(folder, "val", world.val, world.val_images)
+    save_pairs(folder, "train", world.train, world.train_images)
+    save_pairs(folder, "val", world.val, world.val_images)
     return folder
 
 
 @pytest.fixture(scope="session")
-def pairs(world_dir) -> tuple[data.PairSet, data.PairSet]:
-    return data.read_pairs(world_dir / "train.jsonl"), data.read_pairs(world_dir / "val.jsonl")
+def pairs(world_dir) -> tuple[PairSet, PairSet]:
+    return read_pairs(world_dir / "train.jsonl"), read_pairs(world_dir / "val.jsonl")
 
 
 @pytest.fixture(scope="session")
 def tensors(pairs):
     """Preprocessed images and tokens of both splits for trakview-tiny."""
-    bundle = models.create("trakview-tiny")
+    bundle = create("trakview-tiny")
     train_pairs, val_pairs = pairs
     return {
         "train": (
-            data.image_tensors(train_pairs, bundle.preprocess, progress=False),
-            data.tokenize(bundle.tokenizer, train_pairs.captions),
+            image_tensors(train_pairs, bundle.preprocess, progress=False),
+            tokenize(bundle.tokenizer, train_pairs.captions),
         ),
         "val": (
-            data.image_tensors(val_pairs, bundle.preprocess, progress=False),
-            data.tokenize(bundle.tokenizer, val_pairs.captions),
+            image_tensors(val_pairs, bundle.preprocess, progress=False),
+            tokenize(bundle.tokenizer, val_pairs.captions),
         ),
     }
 
@@ -72,17 +78,15 @@ def checkpoints(tmp_path_factory, tensors) -> list[Path]:
 def run_dir(tmp_path_factory, pairs, checkpoints) -> Path:
     """A finished run on the small world."""
     out = tmp_path_factory.mktemp("run") / "run"
-    cfg = attribute.BuildConfig(
-        checkpoints=[str(p) for p in checkpoints], topk=20, projector="gaussian"
-    )
-    return attribute.build(*pairs, cfg, out)
+    cfg = BuildConfig(checkpoints=[str(p) for p in checkpoints], topk=20, projector="gaussian")
+    return build(*pairs, cfg, out)
 
 
 @pytest.fixture(scope="session")
-def sharded_config(checkpoints) -> attribute.BuildConfig:
+def sharded_config(checkpoints) -> BuildConfig:
     """Several units per checkpoint: 3 training shards of 80 pairs (two gradient batches each)
     and 1 shard of 40 validation pairs."""
-    return attribute.BuildConfig(
+    return BuildConfig(
         checkpoints=[str(p) for p in checkpoints],
         topk=20,
         projector="gaussian",
@@ -107,6 +111,6 @@ def sharded_run(tmp_path_factory, pairs, sharded_config) -> Path:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return attribute.build(*pairs, sharded_config, tmp_path_factory.mktemp("sharded") / "run")
+        return build(*pairs, sharded_config, tmp_path_factory.mktemp("sharded") / "run")
     finally:
         torch.set_num_threads(before)

@@ -14,7 +14,7 @@ if not ids:
 # both the session's pair and the URL.
 wanted = st.query_params.get("val")
 if wanted is not None and wanted != st.session_state.get(ui.VAL_KEY):
-    if wanted in run.engine.val_index:
+    if wanted in run.val_index:
         st.session_state[ui.VAL_KEY] = wanted
     else:
         st.warning(f"No validation pair with id `{wanted}` in this run; pick one on the left.")
@@ -30,7 +30,7 @@ st.caption(
     "TRAK scores every training pair by how much it raises (green) or lowers (red) the model's "
     "CLIP margin for the selected image and caption. Pick another pair on the left."
 )
-j = run.engine.val_position(val_id)
+j = run.val_position(val_id)
 rec = run.val[j]
 header = st.container()
 k = ui.k_input("ex-k")
@@ -44,11 +44,11 @@ with header:
             "CLIP similarity": (ui.fmt(result.clip_similarity), "Cosine of image and caption."),
             "CLIP margin": (ui.fmt(result.margin), "The model output TRAK attributes."),
             "Caption rank": (
-                f"{int(run.caption_rank[j])} of {len(ids)}",
+                f"{int(run.val_caption_rank[j])} of {len(ids)}",
                 "Rank of this caption among all validation captions for this image (1 = best).",
             ),
         },
         rec,
     )
-    eval_view.pair_check(run.path, val_id, j)
+    eval_view.pair_check(run.run, val_id, j)
 ui.influence_view(run, result, k, "ex")

@@ -1,25 +1,26 @@
 """Overview: the run's facts, the training pairs that matter most overall, suspected mislabels."""
 
 import html
+from dataclasses import asdict
 
 import numpy as np
 import streamlit as st
 
 from dashboard import eval_view, state, ui
-from engine.query import QueryResult
+from engine.explore.results import QueryResult
 
 run = state.open_run()
-manifest = run.engine.manifest
-cfg, counts = manifest["config"], manifest["counts"]
-timings = {k: v for k, v in manifest.get("timings_seconds", {}).items() if v is not None}
+manifest = run.manifest
+cfg, counts = manifest.config, manifest.counts
+timings = {k: v for k, v in manifest.timings_seconds.items() if v is not None}
 
 st.title("Overview of the run")
-st.caption(f"`{run.path}` · model `{cfg['model']}`")
+st.caption(f"`{run.run}` · model `{cfg.model}`")
 facts = {
-    "Checkpoints": counts["n_checkpoints"],
-    "Training pairs": f"{counts['n_train']:,}",
-    "Validation pairs": f"{counts['n_val']:,}",
-    "Projection dim": counts["proj_dim"],
+    "Checkpoints": counts.n_checkpoints,
+    "Training pairs": f"{counts.n_train:,}",
+    "Validation pairs": f"{counts.n_val:,}",
+    "Projection dim": counts.proj_dim,
     "Build time": f"{sum(timings.values()):.1f} s",
 }
 for col, (label, value) in zip(st.columns(len(facts)), facts.items(), strict=True):
@@ -27,37 +28,38 @@ for col, (label, value) in zip(st.columns(len(facts)), facts.items(), strict=Tru
 with st.expander("Settings, checkpoints and build timings"):
     left, mid, right = st.columns(3)
     left.markdown("**Settings**")
-    left.dataframe({"setting": list(cfg), "value": [str(v) for v in cfg.values()]}, hide_index=True)
+    settings = asdict(cfg)
+    left.dataframe(
+        {"setting": list(settings), "value": [str(v) for v in settings.values()]}, hide_index=True
+    )
     mid.markdown("**Checkpoints**")
     mid.dataframe(
         {
-            "path": [c["path"] for c in manifest["checkpoints"]],
-            "sha256": [c["sha256"][:12] for c in manifest["checkpoints"]],
+            "path": [c.path for c in manifest.checkpoints],
+            "sha256": [c.sha256[:12] for c in manifest.checkpoints],
         },
         hide_index=True,
     )
     right.markdown("**Build timings (s)**")
     right.dataframe({"stage": list(timings), "seconds": list(timings.values())}, hide_index=True)
-    st.caption(
-        "versions: " + ", ".join(f"{k} {v}" for k, v in manifest.get("versions", {}).items())
-    )
+    st.caption("versions: " + ", ".join(f"{k} {v}" for k, v in manifest.versions.items()))
 
 k = ui.k_input("ov-k", default=8)
 opened = []
 
 st.header("Most helpful and most harmful overall")
 st.caption(
-    f"Each training pair's scores summed over all {counts['n_val']} validation pairs: green pairs "
+    f"Each training pair's scores summed over all {counts.n_val} validation pairs: green pairs "
     "raise the model's CLIP margins across the validation set, red pairs lower them."
 )
 total = run.total_scores
 whole = QueryResult(
-    caption=f"all {counts['n_val']} validation pairs (scores summed)",
+    caption=f"all {counts.n_val} validation pairs (scores summed)",
     positive=run.cards(np.argsort(-total, kind="stable")[:k], total, "positive"),
     negative=run.cards(np.argsort(total, kind="stable")[:k], total, "negative"),
     similar=[],
-    clip_similarity=float(np.mean(run.engine.val_clip_sim)),
-    margin=float(np.mean(run.engine.val_margin)),
+    clip_similarity=float(np.mean(run.val_clip_sim)),
+    margin=float(np.mean(run.val_margin)),
     scores=total,
     train_similarity=np.zeros_like(total),
 )
@@ -103,8 +105,8 @@ else:
     ui.export_buttons(run, flagged, "ov-sus", query_image=run.val_mosaic)
 
 st.header("Are the attributions right?")
-eval_view.lds_section(run.path)
-eval_view.removal_section(run.path)
+eval_view.lds_section(run.run)
+eval_view.removal_section(run.run)
 
 clicked = ui.first(opened)
 if clicked is not None:

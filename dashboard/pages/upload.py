@@ -5,7 +5,8 @@ import hashlib
 import streamlit as st
 
 from dashboard import state, ui
-from engine import data
+from engine.data.images import open_query_image
+from engine.errors import InputError
 
 MAX_UPLOAD_MB = 20
 RESULT_KEY = "upload-result"  # (digest, bytes, PIL image, QueryResult) of the last query
@@ -36,11 +37,11 @@ if submitted:
         problem = "Type the caption the image should match."
     if problem is None:
         try:
-            image = data.open_query_image(raw)
+            image = open_query_image(raw)
             with st.spinner("Computing TRAK scores for this pair…"):
                 result = run.query(image, caption, k=50)
             st.session_state[RESULT_KEY] = (hashlib.sha256(raw).hexdigest(), raw, image, result)
-        except data.InputError as err:
+        except InputError as err:
             problem = str(err)
     if problem:
         st.error(problem)

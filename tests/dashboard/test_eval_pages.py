@@ -10,8 +10,10 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from dashboard import state
-from engine import evaluate, store
-from engine.evaluate_cli import train_config
+from engine.cli.eval_cmds import train_config
+from engine.evaluate.lds import LdsConfig, evaluate_lds
+from engine.evaluate.removal import RemoveConfig, evaluate_removal
+from engine.files import read_json, read_jsonl
 
 APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
 
@@ -23,11 +25,11 @@ def evaluated_run(run_dir, tmp_path_factory):
     shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("eval"))
     tcfg = train_config(run_dir, {})[0]
     methods = ["trak", "clip-image", "random"]
-    lds = evaluate.LdsConfig(subsets=3, bootstrap=50, workers=1, methods=methods)
-    evaluate.evaluate_lds(run, lds, tcfg)
-    target = store.read_jsonl(run / "val.jsonl")[1]["id"]
-    removal = evaluate.RemoveConfig(targets=[target], ks=[3], methods=["trak", "random"])
-    evaluate.evaluate_removal(run, removal, tcfg)
+    lds = LdsConfig(subsets=3, bootstrap=50, workers=1, methods=methods)
+    evaluate_lds(run, lds, tcfg)
+    target = read_jsonl(run / "val.jsonl")[1]["id"]
+    removal = RemoveConfig(targets=[target], ks=[3], methods=["trak", "random"])
+    evaluate_removal(run, removal, tcfg)
     return run
 
 
@@ -49,7 +51,7 @@ def table(at: AppTest, column: str):
 
 def test_overview_shows_the_lds_and_the_removal_summary(evaluated_run, monkeypatch):
     at = app(evaluated_run, monkeypatch, "pages/overview.py")
-    lds = store.read_json(evaluated_run / "eval" / "lds.json")
+    lds = read_json(evaluated_run / "eval" / "lds.json")
     shown = table(at, "LDS")
     ranked = sorted(lds["methods"].items(), key=lambda kv: -kv[1]["lds"])
     assert list(shown["LDS"]) == [f"{m['lds']:+.3f}" for _, m in ranked]
@@ -57,7 +59,7 @@ def test_overview_shows_the_lds_and_the_removal_summary(evaluated_run, monkeypat
         f"[{m['ci'][0]:+.3f}, {m['ci'][1]:+.3f}]" for _, m in ranked
     ]
     assert "TRAK (trakview)" in list(shown["method"])
-    removal = store.read_json(evaluated_run / "eval" / "remove.json")
+    removal = read_json(evaluated_run / "eval" / "remove.json")
     shown = table(at, "mean change")
     assert list(shown["mean change"]) == [f"{r['mean_delta']:+.3f}" for r in removal["summary"]]
     assert len(at.get("plotly_chart")) == 2  # the LDS plot and the removal plot
@@ -72,8 +74,8 @@ def test_overview_without_an_evaluation_says_how_to_make_one(run_dir, monkeypatc
 
 
 def test_explore_shows_a_pairs_removal_result(evaluated_run, monkeypatch):
-    val = store.read_jsonl(evaluated_run / "val.jsonl")
-    removal = store.read_json(evaluated_run / "eval" / "remove.json")
+    val = read_jsonl(evaluated_run / "val.jsonl")
+    removal = read_json(evaluated_run / "eval" / "remove.json")
     entry = removal["targets"][val[1]["id"]]
     at = app(evaluated_run, monkeypatch, "pages/explore.py", {"val": val[1]["id"]})
     shown = table(at, "change")
@@ -84,7 +86,7 @@ def test_explore_shows_a_pairs_removal_result(evaluated_run, monkeypatch):
     assert dict(zip(shown["removed"], shown["change"], strict=True)) == expected
     text = " ".join(m.value for m in at.markdown)
     assert f"{entry['margin_full']:+.3f}" in text
-    lds = store.read_json(evaluated_run / "eval" / "lds.json")
+    lds = read_json(evaluated_run / "eval" / "lds.json")
     assert f"{lds['methods']['trak']['per_target'][1]:+.3f}" in text
     assert len(at.get("plotly_chart")) == 2  # the pair view's own plots, nothing added
 

@@ -19,7 +19,11 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from dashboard import state
-from engine import data, embed, models
+from engine.data.loading import tokenize
+from engine.explore.view import RunView
+from engine.models import embed
+from engine.models.checkpoints import load_into
+from engine.models.factory import create
 
 APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
 
@@ -104,9 +108,9 @@ def test_search_by_words_and_by_meaning(run_dir, monkeypatch, arrays, checkpoint
     at.text_input(key="picker-text").input(query).run()
     per_ckpt = []
     for path in checkpoints:
-        bundle = models.create("trakview-tiny")
-        models.load_into(bundle.model, path)
-        tokens = data.tokenize(bundle.tokenizer, [query])
+        bundle = create("trakview-tiny")
+        load_into(bundle.model, path)
+        tokens = tokenize(bundle.tokenizer, [query])
         with torch.no_grad():
             per_ckpt.append(embed.encode(bundle.model, None, tokens)[1].numpy())
     q = embed.ensemble(per_ckpt)[0]
@@ -228,7 +232,7 @@ def test_val_relevance_is_the_mean_cosine_with_captions_and_images(
         shutil.copytree(run_dir, path)
         shutil.rmtree(path / "index")
     assert (path / "index" / "val_text.faiss").is_file() == faiss_index
-    run = state.load_run(str(path.resolve()))
+    run = RunView.load(path)
     assert (run._val_indexes is not None) == faiss_index
     q = np.random.default_rng(0).standard_normal(arrays["val_txt"].shape[1]).astype(np.float32)
     q /= np.linalg.norm(q)

@@ -9,23 +9,29 @@ import math
 import numpy as np
 import pytest
 import torch
+from trak import TRAKer
 
-from engine import attribute, groundtruth, models, store, units
-from engine.trak import (
-    KeyedProjector,
-    SimulatedBatch,
-    select_parameters,
-)
+from engine.attribution.gradients import select_parameters
+from engine.attribution.margin import SimulatedBatch
+from engine.attribution.projection import KeyedProjector
+from engine.attribution.settings import BuildConfig, resolve
+from engine.build.orchestrate import build
+from engine.errors import RunMismatchError
+from engine.evaluate import groundtruth
+from engine.files import read_jsonl
+from engine.models.checkpoints import load_into
+from engine.models.factory import create
+from engine.run.layout import FORMAT_VERSION, RunLayout
 
 
 def _mmap(run, m, name):
-    return np.load(store.trak_dir(run) / str(m) / f"{name}.mmap").astype(np.float64)
+    return np.load(RunLayout(run).trak_dir / str(m) / f"{name}.mmap").astype(np.float64)
 
 
 def test_run_directory_layout(run_dir, pairs):
     train, val = pairs
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["format_version"] == store.FORMAT_VERSION
+    assert manifest["format_version"] == FORMAT_VERSION
     assert manifest["counts"] == {
         "n_train": len(train),
         "n_val": len(val),
@@ -38,7 +44,7 @@ def test_run_directory_layout(run_dir, pairs):
     assert {"featurize-0", "score-1", "scores"} <= set(manifest["timings_seconds"])
     scores = np.load(run_dir / "scores.npy")
     assert scores.dtype == np.float32 and scores.shape == (len(train), len(val))
-    rows = store.read_jsonl(run_dir / "train.jsonl")
+    rows = read_jsonl(run_dir / "train.jsonl")
     assert [r["id"] for r in rows] == train.ids
     assert all((run_dir / r["image"]).is_file() for r in rows)  # paths relative to the run
     assert {"mislabeled", "true_caption", "near_duplicate_of", "rare"} <= set(rows[0])
@@ -54,7 +60,7 @@ def test_features_and_scores_equal_the_trak_formula_in_numpy(run_dir):
     total, out_to_loss = 0.0, 0.0
     for m in range(n_models):
         x = _mmap(run_dir, m, "grads")  # (n_train, k)
-        lam = store.read_stage(run_dir, f"finalize-{m}")["lambda"]
+        lam = RunLayout(run_dir).read_stage(f"finalize-{m}")["lambda"]
         phi = np.linalg.solve(x.T @ x + lam * np.eye(x.shape[1]), x.T).T  # (n_train, k)
         np.testing.assert_allclose(_mmap(run_dir, m, "features"), phi, rtol=2e-3, atol=1e-6)
         total = total + phi @ _mmap(run_dir, m, "val_grads").T  # (n_train, n_val)
@@ -67,7 +73,7 @@ def test_features_and_scores_equal_the_trak_formula_in_numpy(run_dir):
 def test_stored_gradient_is_autograd_times_projection(run_dir, tensors, checkpoints):
     """Row i of traker's stored gradients = d margin_i / d theta . P / sqrt(#params)."""
     cfg = json.loads((run_dir / "manifest.json").read_text())["config"]
-    model = models.load_into(models.create("trakview-tiny").model, checkpoints[1])
+    model = load_into(create("trakview-tiny").model, checkpoints[1])
     names = select_parameters(model, cfg["grad_params"])
     params = dict(model.named_parameters())
     projector = KeyedProjector(
@@ -96,10 +102,8 @@ def test_stored_gradient_is_autograd_times_projection(run_dir, tensors, checkpoi
 
 
 def test_same_build_twice_gives_identical_scores(tmp_path, pairs, checkpoints, run_dir):
-    cfg = attribute.BuildConfig(
-        checkpoints=[str(p) for p in checkpoints], topk=20, projector="gaussian"
-    )
-    again = attribute.build(*pairs, cfg, tmp_path / "again")
+    cfg = BuildConfig(checkpoints=[str(p) for p in checkpoints], topk=20, projector="gaussian")
+    again = build(*pairs, cfg, tmp_path / "again")
     assert np.array_equal(np.load(again / "scores.npy"), np.load(run_dir / "scores.npy"))
 
 
@@ -109,7 +113,7 @@ def test_build_killed_mid_featurize_resumes_to_the_same_scores(
     """Killed in checkpoint 1's featurization (3 units of two batches each), in the middle of
     its second unit, the build resumes with the units that had not finished, and nothing else, to
     the uninterrupted build's scores."""
-    original = units.TRAKer.featurize
+    original = TRAKer.featurize
     calls = {"n": 0}
 
     def dying_featurize(self, *args, **kwargs):
@@ -118,42 +122,42 @@ def test_build_killed_mid_featurize_resumes_to_the_same_scores(
             raise KeyboardInterrupt("killed")
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(units.TRAKer, "featurize", dying_featurize)
+    monkeypatch.setattr(TRAKer, "featurize", dying_featurize)
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
-        attribute.build(*pairs, sharded_config, out)
-    assert store.stage_done(out, "featurize-0") and not store.stage_done(out, "featurize-1")
+        build(*pairs, sharded_config, out)
+    assert RunLayout(out).stage_done("featurize-0") and not RunLayout(out).stage_done("featurize-1")
     assert not (out / "manifest.json").exists()
-    done = [store.unit_done(out, f"featurize-1-{s:05d}") for s in range(3)]
+    done = [RunLayout(out).unit_done(f"featurize-1-{s:05d}") for s in range(3)]
     assert done == [True, False, False]  # really stopped in checkpoint 1
 
     calls["n"] = -(10**6)  # the restarted build is not killed
-    attribute.build(*pairs, sharded_config, out)
+    build(*pairs, sharded_config, out)
     assert calls["n"] == -(10**6) + 4  # only the 2 unfinished units' 4 batches, once each
     assert np.array_equal(np.load(out / "scores.npy"), np.load(sharded_run / "scores.npy"))
 
 
 def test_reopening_with_other_settings_is_refused(tmp_path, pairs, checkpoints):
     out = tmp_path / "run"
-    base = attribute.BuildConfig(checkpoints=[str(checkpoints[0])], topk=5)
-    attribute.build(*pairs, base, out)
-    other = attribute.BuildConfig(checkpoints=[str(checkpoints[0])], topk=5, proj_dim=32)
-    with pytest.raises(store.RunMismatchError, match=r"proj_dim: 64 -> 32.*--overwrite"):
-        attribute.build(*pairs, other, out)
-    attribute.build(*pairs, other, out, overwrite=True)
+    base = BuildConfig(checkpoints=[str(checkpoints[0])], topk=5)
+    build(*pairs, base, out)
+    other = BuildConfig(checkpoints=[str(checkpoints[0])], topk=5, proj_dim=32)
+    with pytest.raises(RunMismatchError, match=r"proj_dim: 64 -> 32.*--overwrite"):
+        build(*pairs, other, out)
+    build(*pairs, other, out, overwrite=True)
     assert json.loads((out / "manifest.json").read_text())["counts"]["proj_dim"] == 32
 
 
 def test_bad_settings_are_clear_errors(pairs, checkpoints):
     with pytest.raises(ValueError, match="--half needs --device cuda"):
-        attribute.resolve(attribute.BuildConfig(checkpoints=["x"], half=True), 100)
+        resolve(BuildConfig(checkpoints=["x"], half=True), 100)
     with pytest.raises(ValueError, match="no checkpoints given"):
-        attribute.resolve(attribute.BuildConfig(), 100)
-    assert attribute.resolve(attribute.BuildConfig(checkpoints=["x"]), 3000).proj_dim == 512
-    assert attribute.resolve(attribute.BuildConfig(checkpoints=["x"]), 100).proj_dim == 64
+        resolve(BuildConfig(), 100)
+    assert resolve(BuildConfig(checkpoints=["x"]), 3000).proj_dim == 512
+    assert resolve(BuildConfig(checkpoints=["x"]), 100).proj_dim == 64
     with pytest.raises(ValueError, match="--projector must be one of gaussian, gaussian-bf16"):
-        attribute.resolve(attribute.BuildConfig(checkpoints=["x"], projector="fp8"), 100)
-    assert attribute.resolve(attribute.BuildConfig(checkpoints=["x"]), 100).projector == "sketch"
+        resolve(BuildConfig(checkpoints=["x"], projector="fp8"), 100)
+    assert resolve(BuildConfig(checkpoints=["x"]), 100).projector == "sketch"
 
 
 def test_small_world_ground_truth(run_dir):
@@ -161,8 +165,8 @@ def test_small_world_ground_truth(run_dir):
     mislabeled ranking needs models that learned colours and shapes: it is checked on the default
     demo world in bench/bench_attribution.py."""
     scores = np.load(run_dir / "scores.npy")
-    train = store.read_jsonl(run_dir / "train.jsonl")
-    val = store.read_jsonl(run_dir / "val.jsonl")
+    train = read_jsonl(run_dir / "train.jsonl")
+    val = read_jsonl(run_dir / "val.jsonl")
     hits = groundtruth.near_duplicate_hits(scores, train, val, k=5)
     assert hits["n"] == 4 and hits["rate"] >= 0.75
 
@@ -185,10 +189,8 @@ def _agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 
 def test_bfloat16_gaussian_keeps_the_scores(tmp_path, pairs, checkpoints, run_dir):
     """The same Gaussian matrix multiplied in bfloat16: nearly identical scores."""
-    cfg = attribute.BuildConfig(
-        checkpoints=[str(p) for p in checkpoints], topk=20, projector="gaussian-bf16"
-    )
-    fast = np.load(attribute.build(*pairs, cfg, tmp_path / "bf16") / "scores.npy")
+    cfg = BuildConfig(checkpoints=[str(p) for p in checkpoints], topk=20, projector="gaussian-bf16")
+    fast = np.load(build(*pairs, cfg, tmp_path / "bf16") / "scores.npy")
     exact = np.load(run_dir / "scores.npy")
     assert not np.array_equal(fast, exact)  # it really ran in bfloat16
     corr, top5 = _agreement(fast, exact)
@@ -201,14 +203,14 @@ def test_sketch_agrees_with_the_gaussian_as_well_as_another_gaussian_draw(
     """The count-sketch projector is another random JL map: it must agree with the reference
     Gaussian (seed 0) at least as well as a Gaussian of another seed does."""
     ckpts = [str(p) for p in checkpoints]
-    sketch = attribute.build(
+    sketch = build(
         *pairs,
-        attribute.BuildConfig(checkpoints=ckpts, topk=20, projector="sketch"),
+        BuildConfig(checkpoints=ckpts, topk=20, projector="sketch"),
         tmp_path / "s",
     )
-    other = attribute.build(
+    other = build(
         *pairs,
-        attribute.BuildConfig(checkpoints=ckpts, topk=20, seed=1, projector="gaussian"),
+        BuildConfig(checkpoints=ckpts, topk=20, seed=1, projector="gaussian"),
         tmp_path / "g1",
     )
     exact = np.load(run_dir / "scores.npy")

@@ -6,9 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from engine import attribute, models
-from engine.query import QueryEngine
-from engine.trak import ClipMargin, KeyedProjector, SelectiveGradientComputer, select_parameters
+from engine.attribution.gradients import SelectiveGradientComputer, select_parameters
+from engine.attribution.margin import ClipMargin
+from engine.attribution.projection import KeyedProjector
+from engine.attribution.settings import BuildConfig
+from engine.build.orchestrate import build
+from engine.explore.query import QueryEngine
+from engine.models.checkpoints import load_into
+from engine.models.factory import create
 
 pytestmark = [
     pytest.mark.cuda,
@@ -16,8 +21,8 @@ pytestmark = [
 ]
 
 
-def _cuda_cfg(checkpoints, **kw) -> attribute.BuildConfig:
-    return attribute.BuildConfig(
+def _cuda_cfg(checkpoints, **kw) -> BuildConfig:
+    return BuildConfig(
         checkpoints=[str(p) for p in checkpoints],
         topk=20,
         device="cuda",
@@ -33,7 +38,7 @@ def _min_column_corr(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def cuda_run(tmp_path_factory, pairs, checkpoints):
-    return attribute.build(*pairs, _cuda_cfg(checkpoints), tmp_path_factory.mktemp("cuda") / "run")
+    return build(*pairs, _cuda_cfg(checkpoints), tmp_path_factory.mktemp("cuda") / "run")
 
 
 def test_cuda_build_matches_cpu_and_its_own_queries(cuda_run, run_dir):
@@ -59,7 +64,7 @@ def test_a_run_built_on_cuda_is_queried_on_cpu(cuda_run):
 
 
 def test_half_precision_build_agrees_with_float32(tmp_path, pairs, checkpoints, cuda_run):
-    run = attribute.build(*pairs, _cuda_cfg(checkpoints, half=True), tmp_path / "half")
+    run = build(*pairs, _cuda_cfg(checkpoints, half=True), tmp_path / "half")
     scores = np.load(run / "scores.npy")
     assert np.isfinite(scores).all()
     assert _min_column_corr(scores, np.load(cuda_run / "scores.npy")) > 0.99
@@ -68,7 +73,7 @@ def test_half_precision_build_agrees_with_float32(tmp_path, pairs, checkpoints, 
 def test_gradients_take_cpu_batches_and_embeddings(tensors, checkpoints):
     """The build hands CPU batches and CPU embeddings to a model on the GPU."""
     images, tokens = tensors["train"]
-    model = models.load_into(models.create("trakview-tiny", device="cuda").model, checkpoints[0])
+    model = load_into(create("trakview-tiny", device="cuda").model, checkpoints[0])
     with torch.no_grad():
         img, txt, _ = model(images.cuda(), tokens.cuda())
     task = ClipMargin()
@@ -84,7 +89,7 @@ def test_gradients_take_cpu_batches_and_embeddings(tensors, checkpoints):
 
 @pytest.mark.parametrize("sketch_dim", [0, 256])
 def test_keyed_projection_is_the_same_on_cuda_and_cpu(sketch_dim):
-    model = models.create("trakview-tiny", seed=0).model
+    model = create("trakview-tiny", seed=0).model
     names = select_parameters(model, "all")
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if n in names}
     token = "token_embedding.weight"

@@ -11,9 +11,17 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from engine import evalstats, evaluate, models, retrain, store
+import engine.evaluate.stats as evalstats
 from engine.cli import app
-from engine.evaluate_cli import train_config
+from engine.cli.eval_cmds import train_config
+from engine.errors import EvalError, EvalMismatchError
+from engine.evaluate import retrain
+from engine.evaluate.lds import LdsConfig, evaluate_lds, read_lds
+from engine.evaluate.methods import METHODS, store_trak_scores
+from engine.evaluate.removal import RemoveConfig, evaluate_removal
+from engine.files import load_npy, read_json, read_jsonl
+from engine.models.checkpoints import load_into
+from engine.models.factory import create
 
 TRAIN_FLAGS = ["--epochs", "4", "--batch-size", "60", "--warmup-steps", "4"]
 
@@ -122,24 +130,22 @@ def test_subsets_are_seeded_and_a_longer_list_starts_with_the_shorter():
 
 def test_store_scores_and_model_output_are_the_runs(run_dir, checkpoints, tensors):
     # TRAK from the traker store, all checkpoints: the run's scores.npy
-    scores = store.load_npy(run_dir / "scores.npy")
-    np.testing.assert_allclose(
-        evaluate.store_trak_scores(run_dir, [0, 1]), scores, rtol=1e-4, atol=1e-6
-    )
+    scores = load_npy(run_dir / "scores.npy")
+    np.testing.assert_allclose(store_trak_scores(run_dir, [0, 1]), scores, rtol=1e-4, atol=1e-6)
     # the retrained models' output, applied to the run's own checkpoints with checkpoint m's
     # simulated batch, averages to the run's val_margin.npy: the quantity TRAK attributes
-    manifest = store.read_json(run_dir / "manifest.json")
+    manifest = read_json(run_dir / "manifest.json")
     draws = retrain.target_draws(
         manifest["counts"]["n_train"], manifest["config"]["sim_batch_size"], 0, 2
     )
     margins = []
     for m, path in enumerate(checkpoints):
-        model = models.load_into(models.create("trakview-tiny").model, path)
+        model = load_into(create("trakview-tiny").model, path)
         margins.append(
             retrain.model_output(model, *tensors["train"], *tensors["val"], draws[m : m + 1])
         )
     np.testing.assert_allclose(
-        np.mean(margins, axis=0), store.load_npy(run_dir / "val_margin.npy"), rtol=1e-4, atol=1e-4
+        np.mean(margins, axis=0), load_npy(run_dir / "val_margin.npy"), rtol=1e-4, atol=1e-4
     )
 
 
@@ -154,39 +160,37 @@ def test_train_config_comes_from_beside_the_checkpoints_then_the_flags(run_dir):
 # --- LDS end to end on the small run --------------------------------------------------------------
 
 
-def lds_cfg(**kw) -> evaluate.LdsConfig:
-    return evaluate.LdsConfig(**{"subsets": 3, "bootstrap": 100, "workers": 1, **kw})
+def lds_cfg(**kw) -> LdsConfig:
+    return LdsConfig(**{"subsets": 3, "bootstrap": 100, "workers": 1, **kw})
 
 
 def test_lds_is_reproducible_and_a_longer_evaluation_reuses_the_shorter(
     run_copy, tmp_path_factory, tiny_train
 ):
-    first = evaluate.evaluate_lds(run_copy, lds_cfg(), tiny_train)
+    first = evaluate_lds(run_copy, lds_cfg(), tiny_train)
     assert first["timings"]["models_trained"] == 3
-    outputs3 = store.load_npy(run_copy / "eval" / "lds" / "outputs.npy")
-    longer = evaluate.evaluate_lds(run_copy, lds_cfg(subsets=4), tiny_train)
+    outputs3 = load_npy(run_copy / "eval" / "lds" / "outputs.npy")
+    longer = evaluate_lds(run_copy, lds_cfg(subsets=4), tiny_train)
     assert (longer["timings"]["models_trained"], longer["timings"]["models_reused"]) == (1, 3)
-    np.testing.assert_array_equal(
-        store.load_npy(run_copy / "eval" / "lds" / "outputs.npy")[:3], outputs3
-    )
-    assert set(longer["methods"]) == set(evaluate.METHODS)
-    assert evaluate.read_lds(run_copy) == store.read_json(run_copy / "eval" / "lds.json")
+    np.testing.assert_array_equal(load_npy(run_copy / "eval" / "lds" / "outputs.npy")[:3], outputs3)
+    assert set(longer["methods"]) == set(METHODS)
+    assert read_lds(run_copy) == read_json(run_copy / "eval" / "lds.json")
 
     # the cached models belong to these settings: other ones are refused, bad ones explained
-    with pytest.raises(evaluate.EvalMismatchError, match="--overwrite"):
-        evaluate.evaluate_lds(run_copy, lds_cfg(), replace(tiny_train, lr=1e-3))
-    with pytest.raises(evaluate.EvalError, match="--fraction"):
-        evaluate.evaluate_lds(run_copy, lds_cfg(fraction=1.5), tiny_train)
-    with pytest.raises(evaluate.EvalError, match="fewer than one batch"):
-        evaluate.evaluate_lds(run_copy, lds_cfg(fraction=0.1), tiny_train)
+    with pytest.raises(EvalMismatchError, match="--overwrite"):
+        evaluate_lds(run_copy, lds_cfg(), replace(tiny_train, lr=1e-3))
+    with pytest.raises(EvalError, match="--fraction"):
+        evaluate_lds(run_copy, lds_cfg(fraction=1.5), tiny_train)
+    with pytest.raises(EvalError, match="fewer than one batch"):
+        evaluate_lds(run_copy, lds_cfg(fraction=0.1), tiny_train)
 
     # another copy of the run, the same seed, two worker processes: identical subsets and results
     other = tmp_path_factory.mktemp("again") / "run"  # same depth: relative image paths hold
     shutil.copytree(run_copy, other, ignore=shutil.ignore_patterns("eval"))
-    again = evaluate.evaluate_lds(other, lds_cfg(workers=2), tiny_train)
-    np.testing.assert_array_equal(store.load_npy(other / "eval" / "lds" / "outputs.npy"), outputs3)
+    again = evaluate_lds(other, lds_cfg(workers=2), tiny_train)
+    np.testing.assert_array_equal(load_npy(other / "eval" / "lds" / "outputs.npy"), outputs3)
     np.testing.assert_array_equal(
-        store.load_npy(other / "eval" / "lds" / "subsets.npy"),
+        load_npy(other / "eval" / "lds" / "subsets.npy"),
         evalstats.subset_masks(240, 3, 0.5, 0),
     )
     assert again["methods"] == first["methods"]
@@ -196,11 +200,11 @@ def test_lds_is_reproducible_and_a_longer_evaluation_reuses_the_shorter(
 
 
 def test_removal_retrains_without_each_targets_top_k(run_copy, tiny_train):
-    val = store.read_jsonl(run_copy / "val.jsonl")
-    train_ids = [r["id"] for r in store.read_jsonl(run_copy / "train.jsonl")]
-    scores = store.load_npy(run_copy / "scores.npy")
-    cfg = evaluate.RemoveConfig(targets=[val[5]["id"]], ks=[5], methods=["trak", "random"])
-    result = evaluate.evaluate_removal(run_copy, replace(cfg, workers=1), tiny_train)
+    val = read_jsonl(run_copy / "val.jsonl")
+    train_ids = [r["id"] for r in read_jsonl(run_copy / "train.jsonl")]
+    scores = load_npy(run_copy / "scores.npy")
+    cfg = RemoveConfig(targets=[val[5]["id"]], ks=[5], methods=["trak", "random"])
+    result = evaluate_removal(run_copy, replace(cfg, workers=1), tiny_train)
     assert result["timings"]["models_trained"] == 1 + 2  # the full-data model + 2 removals
     cache = run_copy / "eval" / "remove" / "outputs"
     j = 5
@@ -211,18 +215,18 @@ def test_removal_retrains_without_each_targets_top_k(run_copy, tiny_train):
     assert trak["trak_score_sum"] == pytest.approx(float(scores[top, j].sum()), rel=1e-5)
     assert trak["delta"] == pytest.approx(trak["margin"] - entry["margin_full"])
     # the model was trained on every pair but those five
-    meta = store.read_json(cache / f"trak-k5-v{j:05d}-r00.json")
+    meta = read_json(cache / f"trak-k5-v{j:05d}-r00.json")
     assert meta["rows_sha256"] == retrain.rows_digest(np.setdiff1d(np.arange(240), top))
     assert meta["seed"] == tiny_train.seed  # the seed of the run's member 0
     assert len(set(entry["removed"]["random"]["5"]["removed_ids"])) == 5
     # the full-data model is the run's trainer with member 0's seed: it reproduces checkpoint 0
-    full = store.load_npy(cache / "full-r00.npy")
-    assert np.corrcoef(full, store.load_npy(run_copy / "val_margin.npy"))[0, 1] > 0.9
+    full = load_npy(cache / "full-r00.npy")
+    assert np.corrcoef(full, load_npy(run_copy / "val_margin.npy"))[0, 1] > 0.9
     summary = {(r["method"], r["k"]): r for r in result["summary"]}
     assert summary[("trak", 5)]["targets"] == 1 and "this_minus_trak" in summary[("random", 5)]
 
     # a second call for another target keeps the first one and trains only what is new
-    more = evaluate.evaluate_removal(
+    more = evaluate_removal(
         run_copy, replace(cfg, targets=[val[7]["id"]], methods=["trak"], workers=1), tiny_train
     )
     assert more["timings"]["models_trained"] == 1
@@ -240,19 +244,19 @@ def test_cli_lds_and_remove(run_copy):
         + ["--bootstrap", "50", "--workers", "1", "--methods", "trak,random", *TRAIN_FLAGS],
     )
     assert lds.exit_code == 0, lds.output
-    result = evaluate.read_lds(run_copy)
+    result = read_lds(run_copy)
     per_model = [
-        [store.load_npy(run_copy / f"eval/lds/outputs/s{s:05d}-r{r:02d}.npy") for s in range(3)]
+        [load_npy(run_copy / f"eval/lds/outputs/s{s:05d}-r{r:02d}.npy") for s in range(3)]
         for r in range(2)
     ]
     np.testing.assert_allclose(
-        store.load_npy(run_copy / "eval/lds/outputs.npy"), np.mean(per_model, axis=0), rtol=1e-6
+        load_npy(run_copy / "eval/lds/outputs.npy"), np.mean(per_model, axis=0), rtol=1e-6
     )
     agreement = evalstats.spearman_columns(np.array(per_model[0]), np.array(per_model[1]))
     assert result["split_half_reliability"] == pytest.approx(float(np.nanmean(agreement)))
     assert "retraining with trakview-tiny: 4 epochs" in lds.output
     assert "trak " in lds.output and "random" in lds.output and "eval/lds.json" in lds.output
-    val = store.read_jsonl(run_copy / "val.jsonl")
+    val = read_jsonl(run_copy / "val.jsonl")
     remove = runner.invoke(
         app,
         ["eval", "remove", str(run_copy), "--val", f"{val[1]['id']},{val[1]['id']}", "-k", "3"]
@@ -261,7 +265,7 @@ def test_cli_lds_and_remove(run_copy):
     assert remove.exit_code == 0, remove.output
     assert val[1]["id"] in remove.output and "k=3" in remove.output
     bad = runner.invoke(app, ["eval", "remove", str(run_copy), "--val", "nope", *TRAIN_FLAGS])
-    assert isinstance(bad.exception, evaluate.EvalError)
+    assert isinstance(bad.exception, EvalError)
     assert "unknown validation id(s) ['nope']" in str(bad.exception)
     for command in ("lds", "remove"):
         help_ = runner.invoke(app, ["eval", command, "--help"], env={"COLUMNS": "200"})

@@ -18,9 +18,12 @@ import pytest
 from PIL import Image
 
 import engine
-from engine import cli, data
-from engine.export import ExportError, export, gallery_bytes
-from engine.query import QueryEngine, QueryResult
+from engine import cli
+from engine.data.images import open_query_image
+from engine.errors import ExportError
+from engine.explore.export import export, gallery_bytes
+from engine.explore.query import QueryEngine
+from engine.explore.results import QueryResult
 
 K = 5
 DATA_URI = "data:image/png;base64,"
@@ -186,7 +189,7 @@ def test_csv_and_json_rows_match_scores(run_dir, val_result, column):
 
 def test_a_new_query_exports_with_its_image(run_dir, qengine, tmp_path):
     val = read_jsonl(run_dir / "val.jsonl")[5]
-    image = data.open_query_image(run_dir / val["image"])
+    image = open_query_image(run_dir / val["image"])
     caption = "a <b>different</b> caption & more"
     result = qengine.query(run_dir / val["image"], caption, k=3)
     assert result.val_id is None and result.image is None

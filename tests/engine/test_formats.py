@@ -20,8 +20,14 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from engine import data, models, sources, store, train
 from engine.cli import app
+from engine.data import sources
+from engine.data.images import TAR_SEPARATOR
+from engine.errors import CheckpointError, DataError
+from engine.files import read_json, read_jsonl
+from engine.models import train
+from engine.models.checkpoints import find_checkpoints, load_into
+from engine.models.factory import create, resolve_pretrained
 
 N_PAIRS = 100
 BROKEN = {3: "truncated", 7: "unreadable", 11: "missing", 15: "empty caption"}
@@ -138,7 +144,7 @@ def built(dataset, checkpoints, tmp_path_factory):
 def test_every_format_gives_the_same_pairs_in_the_same_order(built):
     listed = {
         fmt: {
-            s: [(r["id"], r["caption"]) for r in store.read_jsonl(run / f"{s}.jsonl")]
+            s: [(r["id"], r["caption"]) for r in read_jsonl(run / f"{s}.jsonl")]
             for s in ("train", "val")
         }
         for fmt, run in built.items()
@@ -159,11 +165,11 @@ def test_every_format_gives_identical_scores(built):
 
 def test_broken_pairs_are_listed_with_their_reasons(built):
     for fmt, run in built.items():
-        skipped = {r["id"]: r["reason"] for r in store.read_jsonl(run / "skipped.jsonl")}
+        skipped = {r["id"]: r["reason"] for r in read_jsonl(run / "skipped.jsonl")}
         assert sorted(skipped) == [f"images/{n:05d}" for n in sorted(BROKEN)], fmt
         for n, kind in BROKEN.items():
             assert skipped[f"images/{n:05d}"].startswith(kind), (fmt, skipped)
-        manifest = store.read_json(run / "manifest.json")
+        manifest = read_json(run / "manifest.json")
         assert sum(manifest["skipped"].values()) == len(BROKEN)
 
 
@@ -186,7 +192,7 @@ def test_strict_turns_skips_into_an_error(dataset, checkpoints, tmp_path):
         ],
     )
     assert result.exit_code != 0
-    assert isinstance(result.exception, data.DataError)
+    assert isinstance(result.exception, DataError)
     assert "4 pairs cannot be used" in str(result.exception)
     assert (tmp_path / "run" / "skipped.jsonl").is_file()
     assert not (tmp_path / "run" / "train.jsonl").exists()
@@ -200,24 +206,24 @@ def test_val_fraction_split_is_reproducible_and_exact(dataset):
     c = sources.split_val(pairs, 0.25, seed=4)
     assert a[1].ids == b[1].ids and a[1].ids != c[1].ids and len(a[1]) == 25
     assert sorted(a[0].ids + a[1].ids) == sorted(pairs.ids)
-    with pytest.raises(data.DataError, match="between 0 and 1"):
+    with pytest.raises(DataError, match="between 0 and 1"):
         sources.split_val(pairs, 1.5, seed=0)
 
 
 def test_source_errors_say_what_to_do(tmp_path):
     (tmp_path / "x.csv").write_text("path,text\na.jpg,a cat\n")
-    with pytest.raises(data.DataError, match="--img-key"):
+    with pytest.raises(DataError, match="--img-key"):
         sources.read_source(tmp_path / "x.csv")
     pairs = sources.read_source(
         tmp_path / "x.csv", sources.SourceOptions(img_key="path", caption_key="text")
     )
     assert pairs.records == [{"id": "a", "image": "a.jpg", "caption": "a cat"}]
-    with pytest.raises(data.DataError, match="--format"):
+    with pytest.raises(DataError, match="--format"):
         sources.read_source(tmp_path / "x.parquet")
     (tmp_path / "d").mkdir()
-    with pytest.raises(data.DataError, match="metadata.jsonl"):
+    with pytest.raises(DataError, match="metadata.jsonl"):
         sources.read_source(tmp_path / "d")
-    with pytest.raises(data.DataError, match="missing"):
+    with pytest.raises(DataError, match="missing"):
         sources.read_source(str(tmp_path / "{000..002}.tar"))
 
 
@@ -248,31 +254,31 @@ def test_build_from_open_clip_train_logs(tensors, pairs, tmp_path):
     logs = tmp_path / "logs"
     for member in range(2):  # two training runs, as two open_clip_train --name runs
         final = train.train_ensemble(images, tokens, replace_seed(cfg, member), tmp_path / "t")[0]
-        bundle = models.create("trakview-tiny")
-        models.load_into(bundle.model, final)
+        bundle = create("trakview-tiny")
+        load_into(bundle.model, final)
         for epoch in (1, 2):
             target = logs / f"2026_11_23-run-{member}" / "checkpoints" / f"epoch_{epoch}.pt"
             _save_like_open_clip_train(bundle.model, target, epoch)
         (tmp_path / "t").rename(tmp_path / f"t{member}")
     (logs / "2026_11_23-run-0" / "checkpoints" / "epoch_latest.pt").write_bytes(b"ignored")
-    assert [p.parent.parent.name + "/" + p.name for p in models.find_checkpoints(logs)] == [
+    assert [p.parent.parent.name + "/" + p.name for p in find_checkpoints(logs)] == [
         "2026_11_23-run-0/epoch_2.pt",
         "2026_11_23-run-1/epoch_2.pt",
     ]
-    assert len(models.find_checkpoints(logs, "1,2")) == 4
-    with pytest.raises(models.CheckpointError, match="no epoch 3"):
-        models.find_checkpoints(logs, "3")
+    assert len(find_checkpoints(logs, "1,2")) == 4
+    with pytest.raises(CheckpointError, match="no epoch 3"):
+        find_checkpoints(logs, "3")
 
     world = pairs[0].root
     args = ["build", "--train-data", str(world / "train.jsonl"), "--val-data"]
     args += [str(world / "val.jsonl"), "--proj-dim", "32", "--topk", "5", "--projector", "gaussian"]
     result = CliRunner().invoke(app, [*args, "--checkpoints-dir", str(logs), "--out", "a"])
     assert result.exit_code == 0, result.output
-    manifest = store.read_json(Path("a") / "manifest.json")
+    manifest = read_json(Path("a") / "manifest.json")
     assert manifest["counts"]["n_checkpoints"] == 2
     assert manifest["checkpoints"][0]["path"].endswith("2026_11_23-run-0/checkpoints/epoch_2.pt")
     # the same checkpoints named one by one give the same run
-    explicit = [a for p in models.find_checkpoints(logs) for a in ("--checkpoint", str(p))]
+    explicit = [a for p in find_checkpoints(logs) for a in ("--checkpoint", str(p))]
     result = CliRunner().invoke(app, [*args, *explicit, "--out", "b"])
     assert result.exit_code == 0, result.output
     assert np.array_equal(np.load("a/scores.npy"), np.load("b/scores.npy"))
@@ -289,7 +295,7 @@ def test_config_file_repeats_a_run(built, tmp_path):
     run = built["csv"]
     text = (run / "run.toml").read_text()
     assert "val-fraction = 0.2" in text and "proj-dim = 32" in text
-    manifest = store.read_json(run / "manifest.json")
+    manifest = read_json(run / "manifest.json")
     assert manifest["invocation"]["proj_dim"] == 32
     result = CliRunner().invoke(
         app, ["build", "--config", str(run / "run.toml"), "--out", str(tmp_path / "again")]
@@ -308,37 +314,35 @@ def test_pretrained_tags_resolve_from_the_local_cache_only(tmp_path, monkeypatch
 
     tags = {"unittest": {"hf_hub": "trakview/tiny-unittest/", "quick_gelu": False}}
     monkeypatch.setitem(registry._PRETRAINED, "trakview-tiny", tags)
-    with pytest.raises(models.CheckpointError, match="never downloads"):
-        models.resolve_pretrained("trakview-tiny", "unittest", cache_dir=str(tmp_path))
-    with pytest.raises(models.CheckpointError, match="its tags: unittest"):
-        models.resolve_pretrained("trakview-tiny", "nope", cache_dir=str(tmp_path))
+    with pytest.raises(CheckpointError, match="never downloads"):
+        resolve_pretrained("trakview-tiny", "unittest", cache_dir=str(tmp_path))
+    with pytest.raises(CheckpointError, match="its tags: unittest"):
+        resolve_pretrained("trakview-tiny", "nope", cache_dir=str(tmp_path))
     snapshot = tmp_path / "models--trakview--tiny-unittest" / "snapshots" / ("a" * 40)
     snapshot.mkdir(parents=True)
     (snapshot / "open_clip_pytorch_model.bin").write_bytes(Path(checkpoints[0]).read_bytes())
     (tmp_path / "models--trakview--tiny-unittest" / "refs").mkdir()
     (tmp_path / "models--trakview--tiny-unittest" / "refs" / "main").write_text("a" * 40)
-    found = models.resolve_pretrained("trakview-tiny", "unittest", cache_dir=str(tmp_path))
+    found = resolve_pretrained("trakview-tiny", "unittest", cache_dir=str(tmp_path))
     assert found.name == "open_clip_pytorch_model.bin"
-    models.load_into(models.create("trakview-tiny", pretrained="unittest").model, found)
+    load_into(create("trakview-tiny", pretrained="unittest").model, found)
     assert open_clip.get_pretrained_cfg("trakview-tiny", "unittest")
 
 
 def test_images_inside_shards_open_in_exports_and_the_dashboard(built, tmp_path):
     import zipfile
 
-    from dashboard import state
-    from engine import export
-    from engine.query import QueryEngine
+    from engine.explore import export
+    from engine.explore.view import RunView
 
     run = built["wds"]
-    engine = QueryEngine.load(run)
-    assert data.TAR_SEPARATOR in engine.train[0]["image"]
+    engine = RunView.load(run)
+    assert TAR_SEPARATOR in engine.train[0]["image"]
     result = engine.for_val(engine.val[0]["id"], k=3)
     out = export.export(run, result, "zip", tmp_path / "gallery.zip")
     with zipfile.ZipFile(out) as zf:
         assert sum(n.endswith((".png", ".jpg")) for n in zf.namelist()) >= 7
-    view = state.Run(path=run, engine=engine, caption_rank=np.zeros(1), suspect=None)
-    extracted = Path(view.image_path(engine.train[0]["image"]))
+    extracted = Path(engine.image_path(engine.train[0]["image"]))
     assert extracted.is_file() and extracted.is_relative_to(run / "cache")
     with Image.open(extracted) as img:
         assert img.size[0] >= 48

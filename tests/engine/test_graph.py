@@ -11,7 +11,12 @@ import sys
 import numpy as np
 import pytest
 
-from engine import executors, graph, store, workers
+from engine.build import graph
+from engine.build.executors import LocalExecutor, auto_jobs, make
+from engine.build.graph import Unit, shard_rows
+from engine.errors import ExecutorError
+from engine.parallel import MAX_AUTO_JOBS
+from engine.run.layout import RunLayout
 
 
 def test_plan_runs_every_unit_after_its_dependencies(monkeypatch):
@@ -35,7 +40,7 @@ def test_plan_runs_every_unit_after_its_dependencies(monkeypatch):
     assert {"gather-trak-0", "gather-trak-1", "gather-targets-1"} <= set(plan[-2].deps)
     assert plan[-1].id == "gather-scores"
     with pytest.raises(ValueError, match="at least 1 row"):
-        graph.shard_rows(10, 0)
+        shard_rows(10, 0)
 
 
 def test_sharded_build_agrees_with_the_one_shard_build(sharded_run, run_dir):
@@ -51,26 +56,26 @@ def test_sharded_build_agrees_with_the_one_shard_build(sharded_run, run_dir):
     assert {"featurize-1-00002", "xtx-1", "scores-00000", "gather-scores"} <= done
     assert not (sharded_run / "shards").exists()  # every gather removed its shard files
     # the gathered trak/ store is traker's: ids, metadata and featurized flags
-    meta = json.loads((store.trak_dir(sharded_run) / "metadata.json").read_text())
+    meta = json.loads((RunLayout(sharded_run).trak_dir / "metadata.json").read_text())
     assert meta == {"JL dimension": 64, "JL matrix type": "normal", "train set size": 240}
-    xtx = np.load(store.trak_xtx_path(sharded_run, 1))
-    grads = np.load(store.trak_grads_path(sharded_run, 1)).astype(np.float64)
+    xtx = np.load(RunLayout(sharded_run).trak_xtx(1))
+    grads = np.load(RunLayout(sharded_run).trak_grads(1)).astype(np.float64)
     np.testing.assert_allclose(xtx, grads.T @ grads, rtol=1e-10, atol=1e-12 * np.abs(xtx).max())
 
 
 def test_executor_choice_errors_say_how_to_fix_them(monkeypatch):
-    assert isinstance(executors.make("local"), executors.LocalExecutor)
-    with pytest.raises(executors.ExecutorError, match="apply to --executor ray only"):
-        executors.make("local", address="auto")
-    with pytest.raises(executors.ExecutorError, match="one of local, ray"):
-        executors.make("dask")
+    assert isinstance(make("local"), LocalExecutor)
+    with pytest.raises(ExecutorError, match="apply to --executor ray only"):
+        make("local", address="auto")
+    with pytest.raises(ExecutorError, match="one of local, ray"):
+        make("dask")
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
-    with pytest.raises(executors.ExecutorError, match=r"pip install 'trakview\[ray\]'"):
-        executors.make("ray")
-    with pytest.raises(executors.ExecutorError, match="--jobs applies to --executor local"):
-        executors.make("ray", jobs=2)
-    with pytest.raises(executors.ExecutorError, match="--jobs must be 0"):
-        executors.make("local", jobs=-1)
+    with pytest.raises(ExecutorError, match=r"pip install 'trakview\[ray\]'"):
+        make("ray")
+    with pytest.raises(ExecutorError, match="--jobs applies to --executor local"):
+        make("ray", jobs=2)
+    with pytest.raises(ExecutorError, match="--jobs must be 0"):
+        make("local", jobs=-1)
 
 
 def test_parallel_local_build_equals_the_one_process_build(tmp_path, world_dir, sharded_run):
@@ -80,12 +85,15 @@ def test_parallel_local_build_equals_the_one_process_build(tmp_path, world_dir, 
     script = tmp_path / "build_it.py"
     script.write_text(
         "import json, sys\n"
-        "from engine import attribute, data, executors\n"
-        f"cfg = attribute.BuildConfig(**json.loads({json.dumps(json.dumps(cfg))}))\n"
-        f"train = data.read_pairs({str(world_dir / 'train.jsonl')!r})\n"
-        f"val = data.read_pairs({str(world_dir / 'val.jsonl')!r})\n"
-        "executor = executors.LocalExecutor(jobs=2, threads=1)\n"
-        f"attribute.build(train, val, cfg, {str(tmp_path / 'run')!r}, executor=executor)\n"
+        "from engine.attribution.settings import BuildConfig\n"
+        "from engine.build.executors import LocalExecutor\n"
+        "from engine.build.orchestrate import build\n"
+        "from engine.data.pairs import read_pairs\n"
+        f"cfg = BuildConfig(**json.loads({json.dumps(json.dumps(cfg))}))\n"
+        f"train = read_pairs({str(world_dir / 'train.jsonl')!r})\n"
+        f"val = read_pairs({str(world_dir / 'val.jsonl')!r})\n"
+        "executor = LocalExecutor(jobs=2, threads=1)\n"
+        f"build(train, val, cfg, {str(tmp_path / 'run')!r}, executor=executor)\n"
         "print('built', executor.describe())\n"
     )
     done = subprocess.run(
@@ -104,17 +112,17 @@ def test_parallel_local_build_equals_the_one_process_build(tmp_path, world_dir, 
 def test_parallel_local_build_stops_at_a_failing_unit(tmp_path, sharded_config):
     """A unit's error in a worker process is raised by the build; finished units keep their
     done-markers (so a resume skips them)."""
-    plan = [graph.Unit("broken-a", "no-such-kind"), graph.Unit("broken-b", "no-such-kind")]
+    plan = [Unit("broken-a", "no-such-kind"), Unit("broken-b", "no-such-kind")]
     with pytest.raises(KeyError, match="no-such-kind"):
-        executors.LocalExecutor(jobs=2, threads=1).run(plan, tmp_path, sharded_config)
+        LocalExecutor(jobs=2, threads=1).run(plan, tmp_path, sharded_config)
 
 
 def test_auto_jobs_keeps_small_and_gpu_builds_in_one_process(sharded_config):
     four = dataclasses.replace(sharded_config, checkpoints=sharded_config.checkpoints * 2)
     plan = graph.plan(n_train=3000, n_val=300, n_models=4, shard_size=20000)
-    assert executors.auto_jobs(plan, four, cpus=2) == 2
-    assert executors.auto_jobs(plan, four, cpus=16) == workers.MAX_AUTO_JOBS == 4
-    assert executors.auto_jobs(plan, sharded_config, cpus=16) == 2  # one job per checkpoint
+    assert auto_jobs(plan, four, cpus=2) == 2
+    assert auto_jobs(plan, four, cpus=16) == MAX_AUTO_JOBS == 4
+    assert auto_jobs(plan, sharded_config, cpus=16) == 2  # one job per checkpoint
     small = graph.plan(n_train=240, n_val=40, n_models=2, shard_size=20000)
-    assert executors.auto_jobs(small, four, cpus=2) == 1
-    assert executors.auto_jobs(plan, dataclasses.replace(four, device="cuda"), cpus=2) == 1
+    assert auto_jobs(small, four, cpus=2) == 1
+    assert auto_jobs(plan, dataclasses.replace(four, device="cuda"), cpus=2) == 1

@@ -11,7 +11,28 @@ import faiss
 import numpy as np
 import pytest
 
-from engine import index, store
+from engine.attribution.settings import BuildConfig
+from engine.errors import RunError
+from engine.files import read_json, save_npy
+from engine.run.layout import RunLayout
+from engine.run.manifest import Counts, Manifest, write_manifest
+from engine.search.faiss_ops import (
+    faiss_threads,
+    nearest,
+    recall_at_k,
+    search,
+    top_influencers,
+    trak_vectors,
+    tune_nprobe,
+)
+from engine.search.run_indexes import (
+    EMBEDDING_INDEXES,
+    INDEX_NAMES,
+    build_run_indexes,
+    load_index,
+    trak_query_vectors,
+    trak_train_vectors,
+)
 
 K = 10
 
@@ -25,9 +46,9 @@ def _copy(run: Path, dest: Path) -> Path:
 
 def _trak_arrays(run: Path, n_models: int) -> tuple[np.ndarray, np.ndarray]:
     """Training vectors and val target queries straight from traker's memmaps."""
-    feats = [np.load(store.trak_features_path(run, m)) for m in range(n_models)]
-    o2l = [np.load(store.trak_out_to_loss_path(run, m)) for m in range(n_models)]
-    grads = [np.load(store.trak_target_grads_path(run, m)) for m in range(n_models)]
+    feats = [np.load(RunLayout(run).trak_features(m)) for m in range(n_models)]
+    o2l = [np.load(RunLayout(run).trak_out_to_loss(m)) for m in range(n_models)]
+    grads = [np.load(RunLayout(run).trak_target_grads(m)) for m in range(n_models)]
     vectors = np.hstack(feats) * (sum(o2l) / n_models) / n_models  # (n_train, M*k)
     return vectors.astype(np.float32), np.hstack(grads).astype(np.float32)  # (n_val, M*k)
 
@@ -35,36 +56,36 @@ def _trak_arrays(run: Path, n_models: int) -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture(scope="module")
 def built(run_dir, tmp_path_factory) -> tuple[Path, dict]:
     run = _copy(run_dir, tmp_path_factory.mktemp("indexed") / "run")
-    return run, index.build_run_indexes(run)
+    return run, build_run_indexes(run)
 
 
 def test_trak_vectors_follow_trakers_formula():
     f0, f1 = np.array([[1.0, 2.0], [0.0, -1.0]]), np.array([[3.0, 4.0], [2.0, 5.0]])
     o0, o1 = np.array([[0.5], [0.2]]), np.array([[0.1], [0.6]])
     g0, g1 = np.array([1.0, -1.0]), np.array([0.5, 2.0])
-    v = index.trak_vectors([f0, f1], [o0, o1])  # (2, 4)
+    v = trak_vectors([f0, f1], [o0, o1])  # (2, 4)
     # traker's finalize_scores: mean_m(phi_m . g_m) * mean_m(out_to_loss_m)
     expected = (f0 @ g0 + f1 @ g1) / 2 * (o0[:, 0] + o1[:, 0]) / 2
     assert v.shape == (2, 4) and v.dtype == np.float32
     np.testing.assert_allclose(v @ np.concatenate([g0, g1]), expected, rtol=1e-6)
     with pytest.raises(ValueError, match="one features and one out_to_loss array per checkpoint"):
-        index.trak_vectors([f0, f1], [o0])
+        trak_vectors([f0, f1], [o0])
 
 
 def test_trak_index_gives_brute_force_influencers_and_the_runs_scores(built):
     run, meta = built
-    n_models = store.read_json(store.manifest_path(run))["counts"]["n_checkpoints"]
+    n_models = read_json(RunLayout(run).manifest)["counts"]["n_checkpoints"]
     vectors, targets = _trak_arrays(run, n_models)
-    scores = np.load(store.scores_path(run))  # (n_train, n_val)
-    np.testing.assert_allclose(index.trak_train_vectors(run), vectors, rtol=1e-6)
-    np.testing.assert_allclose(index.trak_query_vectors(run), targets, rtol=1e-6)
+    scores = np.load(RunLayout(run).scores)  # (n_train, n_val)
+    np.testing.assert_allclose(trak_train_vectors(run), vectors, rtol=1e-6)
+    np.testing.assert_allclose(trak_query_vectors(run), targets, rtol=1e-6)
     assert meta["indexes"]["trak"]["kind"] == "flat-ip"
     assert meta["indexes"]["trak"]["dim"] == targets.shape[1]
-    trak = index.load_index(run, "trak")
+    trak = load_index(run, "trak")
     assert trak.ntotal == scores.shape[0]
     scale = float(np.abs(scores).max())
     for j in range(targets.shape[0]):
-        pos_ids, pos_s, neg_ids, neg_s = index.top_influencers(trak, targets[j], K)
+        pos_ids, pos_s, neg_ids, neg_s = top_influencers(trak, targets[j], K)
         brute = vectors.astype(np.float64) @ targets[j]  # (n_train,)
         order = np.argsort(-brute, kind="stable")
         np.testing.assert_array_equal(pos_ids, order[:K])
@@ -79,14 +100,14 @@ def test_trak_index_gives_brute_force_influencers_and_the_runs_scores(built):
 
 def test_embedding_indexes_match_numpy_cosine_neighbours(built):
     run, meta = built
-    for name, (split, modality) in index.EMBEDDING_INDEXES.items():
-        emb = np.load(store.embeddings_path(run, split, modality))  # (n, M*d)
+    for name, (split, modality) in EMBEDDING_INDEXES.items():
+        emb = np.load(RunLayout(run).embeddings(split, modality))  # (n, M*d)
         other = "val" if split == "train" else "train"
-        queries = np.load(store.embeddings_path(run, other, "text"))[:15]
+        queries = np.load(RunLayout(run).embeddings(other, "text"))[:15]
         info = meta["indexes"][name]
         assert (info["kind"], info["n"], info["dim"]) == ("flat-ip", *emb.shape)
         assert info["recall_at_10"] is None
-        sims, ids = index.nearest(index.load_index(run, name), 3.0 * queries, K)
+        sims, ids = nearest(load_index(run, name), 3.0 * queries, K)
         unit = queries / np.linalg.norm(queries, axis=1, keepdims=True)
         brute = unit.astype(np.float64) @ emb.T  # (15, n)
         # the same top-k cosines, and each returned id has its cosine (ids agree up to ties)
@@ -117,25 +138,23 @@ def _synthetic_run(root: Path, n_train: int, n_val: int, dim: int, seed: int = 0
         for modality in ("image", "text"):
             emb = _clustered(rng, n, centers, 0.6)
             emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-            store.save_npy(store.embeddings_path(root, split, modality), emb)
+            save_npy(RunLayout(root).embeddings(split, modality), emb)
     feats = _clustered(rng, n_train, centers, 0.6)
     grads = _clustered(rng, n_val, centers, 0.6)
     for m in range(n_models):
-        _save_mmap(store.trak_features_path(root, m), feats[:, m * k : (m + 1) * k])
-        _save_mmap(store.trak_target_grads_path(root, m), grads[:, m * k : (m + 1) * k])
+        _save_mmap(RunLayout(root).trak_features(m), feats[:, m * k : (m + 1) * k])
+        _save_mmap(RunLayout(root).trak_target_grads(m), grads[:, m * k : (m + 1) * k])
         weights = rng.uniform(0.2, 1.0, size=(n_train, 1)).astype(np.float32)
-        _save_mmap(store.trak_out_to_loss_path(root, m), weights)
-    counts = {"n_train": n_train, "n_val": n_val, "n_checkpoints": n_models, "proj_dim": k}
-    store.write_json(
-        store.manifest_path(root), {"format_version": store.FORMAT_VERSION, "counts": counts}
-    )
+        _save_mmap(RunLayout(root).trak_out_to_loss(m), weights)
+    counts = Counts(n_train, n_val, n_models, k, ensemble_embedding_dim=dim)
+    write_manifest(RunLayout(root), Manifest(BuildConfig(), counts, checkpoints=[]))
     return root
 
 
 def test_approximate_index_records_its_measured_recall(tmp_path):
     run = _synthetic_run(tmp_path / "big", n_train=50_000, n_val=300, dim=256)
-    meta = index.build_run_indexes(run, approx_threshold=10_000)
-    on_disk = store.read_json(store.index_meta_path(run))
+    meta = build_run_indexes(run, approx_threshold=10_000)
+    on_disk = read_json(RunLayout(run).index_meta)
     assert on_disk == meta
     for name in ("trak", "train_image", "train_text"):
         info = on_disk["indexes"][name]
@@ -150,23 +169,23 @@ def test_approximate_index_records_its_measured_recall(tmp_path):
     assert on_disk["indexes"]["val_image"]["kind"] == "flat-ip"
 
     # an independent recall on all val targets (+q and -q) agrees with the recorded one
-    ivf = index.load_index(run, "trak")
+    ivf = load_index(run, "trak")
     assert faiss.extract_index_ivf(ivf).nprobe == on_disk["indexes"]["trak"]["params"]["nprobe"]
     vectors, targets = _trak_arrays(run, 2)
     queries = np.vstack([targets, -targets])
     brute = queries @ vectors.T  # (2 n_val, n_train)
     truth = np.argsort(-brute, axis=1)[:, :K]
-    hits = _recall(index.search(ivf, queries, K)[1], truth)
+    hits = _recall(search(ivf, queries, K)[1], truth)
     assert hits >= 0.9
     assert abs(hits - on_disk["indexes"]["trak"]["recall_at_10"]) < 0.05
     # the tuner picks the smallest power-of-two nprobe reaching the target, and says its recall
-    nprobe, recall = index.tune_nprobe(faiss.extract_index_ivf(ivf), queries, truth, 0.97)
-    assert recall == pytest.approx(_recall(index.search(ivf, queries, K)[1], truth))
+    nprobe, recall = tune_nprobe(faiss.extract_index_ivf(ivf), queries, truth, 0.97)
+    assert recall == pytest.approx(_recall(search(ivf, queries, K)[1], truth))
     assert recall >= 0.97 and nprobe & (nprobe - 1) == 0
     faiss.extract_index_ivf(ivf).nprobe = nprobe // 2
-    assert _recall(index.search(ivf, queries, K)[1], truth) < 0.97
+    assert _recall(search(ivf, queries, K)[1], truth) < 0.97
     # IVF-Flat scores found vectors exactly: signed scores are still true TRAK scores
-    pos_ids, pos_s, neg_ids, neg_s = index.top_influencers(ivf, targets[0], K)
+    pos_ids, pos_s, neg_ids, neg_s = top_influencers(ivf, targets[0], K)
     np.testing.assert_allclose(pos_s, vectors[pos_ids] @ targets[0], rtol=1e-4)
     np.testing.assert_allclose(neg_s, vectors[neg_ids] @ targets[0], rtol=1e-4)
     assert neg_s.max() < 0 < pos_s.min()
@@ -178,87 +197,83 @@ def _recall(found: np.ndarray, truth: np.ndarray) -> float:
 
 def test_recall_at_k_counts_shared_ids():
     found, truth = np.array([[1, 2, 3], [4, 5, 6]]), np.array([[1, 2, 9], [6, 5, 4]])
-    assert index.recall_at_k(found, truth) == pytest.approx((2 / 3 + 1) / 2)
+    assert recall_at_k(found, truth) == pytest.approx((2 / 3 + 1) / 2)
 
 
 def _mtimes(run: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_mtime_ns for p in store.index_dir(run).iterdir()}
+    return {p.name: p.stat().st_mtime_ns for p in RunLayout(run).index_dir.iterdir()}
 
 
 def test_build_is_idempotent_and_follows_changed_sources(run_dir, tmp_path):
     run = _copy(run_dir, tmp_path / "run")
-    first = index.build_run_indexes(run)
+    first = build_run_indexes(run)
     stamps = _mtimes(run)
-    assert set(stamps) == {f"{n}.faiss" for n in index.INDEX_NAMES} | {"index.json"}
-    assert index.build_run_indexes(run) == first
+    assert set(stamps) == {f"{n}.faiss" for n in INDEX_NAMES} | {"index.json"}
+    assert build_run_indexes(run) == first
     assert _mtimes(run) == stamps  # nothing rewritten, index.json included
 
     # a changed source rebuilds that index only
-    text = np.load(store.embeddings_path(run, "train", "text"))
+    text = np.load(RunLayout(run).embeddings("train", "text"))
     perm = np.random.default_rng(0).permutation(len(text))
-    store.save_npy(store.embeddings_path(run, "train", "text"), text[perm])
-    index.build_run_indexes(run)
+    save_npy(RunLayout(run).embeddings("train", "text"), text[perm])
+    build_run_indexes(run)
     changed = {k for k, v in _mtimes(run).items() if stamps[k] != v}
     assert changed == {"train_text.faiss", "index.json"}
-    _, ids = index.nearest(index.load_index(run, "train_text"), text[perm[5]], 1)
+    _, ids = nearest(load_index(run, "train_text"), text[perm[5]], 1)
     assert ids[0, 0] == 5
 
     # a rebuild from scratch is deterministic
-    before = index.search(
-        index.load_index(run, "trak"), np.ones((2, first["indexes"]["trak"]["dim"])), K
-    )
-    index.build_run_indexes(run, overwrite=True)
+    before = search(load_index(run, "trak"), np.ones((2, first["indexes"]["trak"]["dim"])), K)
+    build_run_indexes(run, overwrite=True)
     assert all(_mtimes(run)[k] != stamps[k] for k in stamps if k != "train_text.faiss")
-    after = index.search(
-        index.load_index(run, "trak"), np.ones((2, first["indexes"]["trak"]["dim"])), K
-    )
+    after = search(load_index(run, "trak"), np.ones((2, first["indexes"]["trak"]["dim"])), K)
     np.testing.assert_array_equal(before[1], after[1])
 
 
 def test_missing_arrays_are_named_with_the_fix(run_dir, tmp_path):
     run = _copy(run_dir, tmp_path / "run")
-    with pytest.raises(store.RunError, match=r"index\.json.*`trakview build`"):
-        index.load_index(run, "trak")
-    os.unlink(store.trak_features_path(run, 1))
-    with pytest.raises(store.RunError, match=r"trak/1/features\.mmap.*run `trakview build`"):
-        index.build_run_indexes(run)
-    with pytest.raises(store.RunError, match=r"trak/1/features\.mmap"):
-        index.trak_train_vectors(run)
-    assert not store.index_dir(run).exists()  # checked before anything was built
-    os.unlink(store.embeddings_path(run, "val", "image"))
-    with pytest.raises(store.RunError, match=r"features\.mmap, val_image_emb\.npy.*`trakview"):
-        index.build_run_indexes(run)
-    os.unlink(store.manifest_path(run))
-    with pytest.raises(store.RunError, match="no manifest.json"):
-        index.build_run_indexes(run)
+    with pytest.raises(RunError, match=r"index\.json.*`trakview build`"):
+        load_index(run, "trak")
+    os.unlink(RunLayout(run).trak_features(1))
+    with pytest.raises(RunError, match=r"trak/1/features\.mmap.*run `trakview build`"):
+        build_run_indexes(run)
+    with pytest.raises(RunError, match=r"trak/1/features\.mmap"):
+        trak_train_vectors(run)
+    assert not RunLayout(run).index_dir.exists()  # checked before anything was built
+    os.unlink(RunLayout(run).embeddings("val", "image"))
+    with pytest.raises(RunError, match=r"features\.mmap, val_image_emb\.npy.*`trakview"):
+        build_run_indexes(run)
+    os.unlink(RunLayout(run).manifest)
+    with pytest.raises(RunError, match="no manifest.json"):
+        build_run_indexes(run)
 
 
 def test_search_helpers_check_their_input(built):
     run, _ = built
-    trak = index.load_index(run, "trak")
+    trak = load_index(run, "trak")
     q = np.ones(trak.d, dtype=np.float32)
     with pytest.raises(ValueError, match=rf"expected vectors of shape \(n, {trak.d}\).*\(3,\)"):
-        index.search(trak, np.ones(3), K)
+        search(trak, np.ones(3), K)
     with pytest.raises(ValueError, match="one query vector, received 2"):
-        index.top_influencers(trak, np.vstack([q, q]), K)
+        top_influencers(trak, np.vstack([q, q]), K)
     with pytest.raises(ValueError, match="unknown index 'nope'"):
-        index.load_index(run, "nope")
-    scores, ids = index.search(trak, q, 10 * trak.ntotal)  # more than the index holds
+        load_index(run, "nope")
+    scores, ids = search(trak, q, 10 * trak.ntotal)  # more than the index holds
     assert ids.shape == (1, trak.ntotal) and sorted(ids[0].tolist()) == list(range(trak.ntotal))
     threads = faiss.omp_get_max_threads()
-    with index.faiss_threads(1):
+    with faiss_threads(1):
         assert faiss.omp_get_max_threads() == 1
     assert faiss.omp_get_max_threads() == threads
-    one = index.top_influencers(trak, q, K, threads=1)
+    one = top_influencers(trak, q, K, threads=1)
     assert faiss.omp_get_max_threads() == threads
-    np.testing.assert_array_equal(one[0], index.top_influencers(trak, q, K)[0])
+    np.testing.assert_array_equal(one[0], top_influencers(trak, q, K)[0])
 
 
 @pytest.mark.skipif(faiss.get_num_gpus() > 0, reason="checks the fallback of a machine without GPU")
 def test_cuda_request_without_gpu_stays_on_cpu(built, caplog):
     run, _ = built
     with caplog.at_level(logging.WARNING, logger="engine.index"):
-        trak = index.load_index(run, "trak", device="cuda")
+        trak = load_index(run, "trak", device="cuda")
     assert isinstance(trak, faiss.IndexFlatIP)
     assert "faiss sees no GPU" in caplog.text
 
@@ -267,16 +282,16 @@ def test_cuda_request_without_gpu_stays_on_cpu(built, caplog):
 @pytest.mark.skipif(faiss.get_num_gpus() == 0, reason="needs faiss with a GPU")
 def test_gpu_index_gives_the_cpu_results(built):
     run, _ = built
-    queries = index.trak_query_vectors(run)
-    cpu = index.search(index.load_index(run, "trak"), queries, K)
-    gpu = index.search(index.load_index(run, "trak", device="cuda"), queries, K)
-    assert "Gpu" in type(index.load_index(run, "trak", device="cuda")).__name__
+    queries = trak_query_vectors(run)
+    cpu = search(load_index(run, "trak"), queries, K)
+    gpu = search(load_index(run, "trak", device="cuda"), queries, K)
+    assert "Gpu" in type(load_index(run, "trak", device="cuda")).__name__
     np.testing.assert_array_equal(cpu[1], gpu[1])
     np.testing.assert_allclose(cpu[0], gpu[0], rtol=1e-4, atol=1e-6)
 
 
 def test_caption_ranks_in_blocks_equal_the_full_matrix():
-    from engine.embed import caption_ranks
+    from engine.models.embed import caption_ranks
 
     rng = np.random.default_rng(0)
     img, txt = rng.normal(size=(2, 1500, 16)).astype(np.float32)

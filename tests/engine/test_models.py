@@ -7,7 +7,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine import models
+from engine.errors import CheckpointError, CheckpointMismatchError, UnknownModelError
+from engine.models.checkpoints import load_into, read_state_dict, save_checkpoint
+from engine.models.factory import create
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -23,21 +25,21 @@ def test_small_configs_are_registered_with_open_clip():
 
 
 def test_create_is_seeded_and_has_its_preprocessing():
-    a, b, c = (models.create("trakview-tiny", seed=s) for s in (1, 1, 2))
+    a, b, c = (create("trakview-tiny", seed=s) for s in (1, 1, 2))
     assert _same_weights(a.model, b.model)
     assert not _same_weights(a.model, c.model)
     assert a.image_size == 32 and a.context_length == 24
 
 
 def test_unknown_model_names_the_choices():
-    with pytest.raises(models.UnknownModelError, match="unknown model 'ViT-Z-99'.*trakview-tiny"):
-        models.create("ViT-Z-99")
+    with pytest.raises(UnknownModelError, match="unknown model 'ViT-Z-99'.*trakview-tiny"):
+        create("ViT-Z-99")
 
 
 @pytest.mark.parametrize("fmt", ["open_clip_train", "bare", "safetensors"])
 def test_checkpoint_round_trip(tmp_path, fmt):
-    src = models.create("trakview-tiny", seed=5).model
-    dst = models.create("trakview-tiny", seed=6).model
+    src = create("trakview-tiny", seed=5).model
+    dst = create("trakview-tiny", seed=6).model
     state = src.state_dict()
     if fmt == "open_clip_train":  # as written by DDP training: module. prefixes, extra entries
         path = tmp_path / "epoch_3.pt"
@@ -56,26 +58,26 @@ def test_checkpoint_round_trip(tmp_path, fmt):
     else:
         path = tmp_path / "weights.safetensors"
         save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    models.load_into(dst, path)
+    load_into(dst, path)
     assert _same_weights(src, dst)
 
 
 def test_save_checkpoint_writes_open_clip_train_format(tmp_path):
-    model = models.create("trakview-tiny", seed=1).model
-    path = models.save_checkpoint(tmp_path / "epoch_2.pt", model, epoch=2, name="trakview-tiny")
+    model = create("trakview-tiny", seed=1).model
+    path = save_checkpoint(tmp_path / "epoch_2.pt", model, epoch=2, name="trakview-tiny")
     raw = torch.load(path, weights_only=True)
     assert raw["epoch"] == 2 and set(raw["state_dict"]) == set(model.state_dict())
-    safe = models.save_checkpoint(tmp_path / "m.safetensors", model, epoch=2, name="t")
-    assert _same_weights(model, models.load_into(models.create("trakview-tiny").model, safe))
+    safe = save_checkpoint(tmp_path / "m.safetensors", model, epoch=2, name="t")
+    assert _same_weights(model, load_into(create("trakview-tiny").model, safe))
     assert not list(tmp_path.glob(".*"))  # no temporary files left behind
 
 
 def test_wrong_architecture_names_both_shapes(tmp_path):
     path = tmp_path / "small.pt"
-    torch.save(models.create("trakview-small").model.state_dict(), path)
-    tiny = models.create("trakview-tiny").model
-    with pytest.raises(models.CheckpointMismatchError) as err:
-        models.load_into(tiny, path)
+    torch.save(create("trakview-small").model.state_dict(), path)
+    tiny = create("trakview-tiny").model
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_into(tiny, path)
     message = str(err.value)
     assert (
         "positional_embedding has shape (32, 128) in the checkpoint but (24, 64) in the model"
@@ -87,10 +89,10 @@ def test_wrong_architecture_names_both_shapes(tmp_path):
 def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
     bad = tmp_path / "broken.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(models.CheckpointError, match="cannot read checkpoint .*broken.pt"):
-        models.read_state_dict(bad)
-    with pytest.raises(models.CheckpointError, match="does not exist"):
-        models.read_state_dict(tmp_path / "missing.pt")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint .*broken.pt"):
+        read_state_dict(bad)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        read_state_dict(tmp_path / "missing.pt")
     torch.save([1, 2, 3], tmp_path / "list.pt")
-    with pytest.raises(models.CheckpointError, match="holds list, expected a state dict"):
-        models.read_state_dict(tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match="holds list, expected a state dict"):
+        read_state_dict(tmp_path / "list.pt")

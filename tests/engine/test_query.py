@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine import data, store
-from engine.query import QueryEngine
-from engine.runs import read_manifest
+from engine.data.images import open_query_image
+from engine.errors import DeviceError, InputError, RunError
+from engine.explore.query import QueryEngine
+from engine.files import read_json, write_json
+from engine.run.manifest import open_manifest
 
 
 @pytest.fixture(scope="module")
@@ -58,36 +60,36 @@ def test_long_caption_is_truncated_with_a_note(engine, run_dir):
 
 def test_bad_inputs_are_refused(engine, run_dir, tmp_path):
     img = run_dir / engine.val[0]["image"]
-    with pytest.raises(data.InputError, match="does not exist"):
+    with pytest.raises(InputError, match="does not exist"):
         engine.query(tmp_path / "missing.png", "a red circle")
     text = tmp_path / "notes.png"
     text.write_text("this is not an image")
-    with pytest.raises(data.InputError, match="is not an image PIL can read"):
+    with pytest.raises(InputError, match="is not an image PIL can read"):
         engine.query(text, "a red circle")
-    with pytest.raises(data.InputError, match="is not an image PIL can read"):
+    with pytest.raises(InputError, match="is not an image PIL can read"):
         engine.query(b"\x89PNG\r\n\x1a\n broken", "a red circle")
     big = tmp_path / "big.png"
     Image.new("RGB", (8000, 6000)).save(big)
-    with pytest.raises(data.InputError, match="8000x6000 = 48,000,000 pixels, more than the limit"):
+    with pytest.raises(InputError, match="8000x6000 = 48,000,000 pixels, more than the limit"):
         engine.query(big, "a red circle")
-    with pytest.raises(data.InputError, match="the caption is empty"):
+    with pytest.raises(InputError, match="the caption is empty"):
         engine.query(img, "   ")
-    with pytest.raises(data.InputError, match="unknown validation id 'v9999'"):
+    with pytest.raises(InputError, match="unknown validation id 'v9999'"):
         engine.for_val("v9999")
 
 
 def test_incomplete_or_foreign_runs_are_refused(run_dir, tmp_path):
-    with pytest.raises(store.RunError, match="does not exist"):
-        read_manifest(tmp_path / "nothing")
+    with pytest.raises(RunError, match="does not exist"):
+        open_manifest(tmp_path / "nothing")
     partial = tmp_path / "partial"
     shutil.copytree(run_dir, partial, ignore=shutil.ignore_patterns("trak", "embeddings"))
     (partial / "manifest.json").unlink()
-    with pytest.raises(store.RunError, match="has no manifest.json: the build has not finished"):
+    with pytest.raises(RunError, match="has no manifest.json: the build has not finished"):
         QueryEngine.load(partial)
     old = tmp_path / "old"
     old.mkdir()
     (old / "manifest.json").write_text(json.dumps({"format_version": 0}))
-    with pytest.raises(store.RunError, match="format version 0, this trakview reads version 1"):
+    with pytest.raises(RunError, match="format version 0, this trakview reads version 1"):
         QueryEngine.load(old)
 
 
@@ -95,22 +97,22 @@ def test_a_fast_jl_run_refuses_new_queries_on_cpu(run_dir, tmp_path):
     """traker's CudaProjector exists only on CUDA: a CPU query would use another projection."""
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
-    manifest = store.read_json(run / "manifest.json")
+    manifest = read_json(run / "manifest.json")
     manifest["projection"] = "traker CudaProjector (fast_jl) + keyed token blocks"
-    store.write_json(run / "manifest.json", manifest)
+    write_json(run / "manifest.json", manifest)
     engine = QueryEngine.load(run)
     engine.for_val(engine.val[0]["id"])  # stored pairs still open
-    with pytest.raises(store.RunError, match="--device cuda"):
+    with pytest.raises(DeviceError, match="--device cuda"):
         engine.query(run / engine.val[0]["image"], engine.val[0]["caption"])
 
 
 def test_checkpoints_in_one_vmap_equal_one_by_one(run_dir):
     """The stacked path (every checkpoint in one vmap) and the loop give the same query."""
     engine = QueryEngine.load(run_dir)
-    engine._load_models()
+    engine._gradient_models()
     assert engine.stack is not None  # a tiny model: stacked
     rec = engine.val[3]
-    image = data.open_query_image(run_dir / rec["image"])
+    image = open_query_image(run_dir / rec["image"])
     stacked = engine.target_gradients(image, rec["caption"])
     engine.stack = None
     looped = engine.target_gradients(image, rec["caption"])

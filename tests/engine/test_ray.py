@@ -12,7 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine import attribute, executors, store
+from engine.build.executors import RayExecutor
+from engine.build.orchestrate import build
+from engine.files import read_json
+from engine.run.layout import RunLayout
 
 ray = pytest.importorskip("ray")
 
@@ -31,15 +34,16 @@ def _same_run(run: Path, reference: Path, n_models: int = 2) -> None:
     for name in ("scores.npy", "topk_pos.npy", "topk_neg.npy", "train_self_influence.npy"):
         assert np.array_equal(np.load(run / name), np.load(reference / name)), name
     for m in range(n_models):
-        for path in (store.trak_features_path, store.trak_target_grads_path):
-            assert np.array_equal(np.load(path(run, m)), np.load(path(reference, m)))
+        for kind in ("trak_features", "trak_target_grads"):
+            path, ref = getattr(RunLayout(run), kind)(m), getattr(RunLayout(reference), kind)(m)
+            assert np.array_equal(np.load(path), np.load(ref))
 
 
 def test_ray_executor_gives_the_local_scores(
     ray_cluster, tmp_path, pairs, sharded_config, sharded_run
 ):
     cfg = sharded_config
-    run = attribute.build(*pairs, cfg, tmp_path / "ray", executor=executors.RayExecutor())
+    run = build(*pairs, cfg, tmp_path / "ray", executor=RayExecutor())
     _same_run(run, sharded_run)
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["executor"]["name"] == "ray" and manifest["executor"]["cluster"]["CPU"] == 2
@@ -48,7 +52,7 @@ def test_ray_executor_gives_the_local_scores(
     assert len(manifest["units"]) == len(list((run / "units").glob("*.json")))
 
 
-class _KillOnce(executors.RayExecutor):
+class _KillOnce(RayExecutor):
     """Kills the worker process running ``featurize-1-00001`` the first time (SIGKILL: no
     cleanup, as when a node is lost); a file in the run directory remembers it."""
 
@@ -69,8 +73,8 @@ def test_a_worker_killed_during_featurize_ends_in_the_same_scores(
     ray_cluster, tmp_path, pairs, sharded_config, sharded_run
 ):
     cfg = sharded_config
-    run = attribute.build(*pairs, cfg, tmp_path / "killed", executor=_KillOnce(max_retries=2))
+    run = build(*pairs, cfg, tmp_path / "killed", executor=_KillOnce(max_retries=2))
     killed = json.loads((run / "killed.json").read_text())["pid"]
-    retried = store.read_json(store.unit_path(run, "featurize-1-00001"))
+    retried = read_json(RunLayout(run).unit("featurize-1-00001"))
     assert retried["pid"] != killed  # the unit finished in another process
     _same_run(run, sharded_run)

@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from engine.synthetic import (
+from engine.data.synthetic import (
     BACKGROUNDS,
     COLOURS,
     POSITIONS,

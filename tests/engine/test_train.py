@@ -8,14 +8,17 @@ from dataclasses import replace
 import pytest
 import torch
 
-from engine import embed, models, synthetic, train
+from engine.data import synthetic
+from engine.models import checkpoints, embed, train
+from engine.models.checkpoints import load_into, read_state_dict, save_checkpoint
+from engine.models.factory import create
 
 
 @pytest.fixture(scope="module")
 def world_tensors():
     """A 1000-pair demo world (plus 200 validation pairs) as model inputs."""
     world = synthetic.generate_world(synthetic.WorldConfig(n_train=1000, n_val=200, seed=11))
-    bundle = models.create("trakview-tiny")
+    bundle = create("trakview-tiny")
     from PIL import Image
 
     def prep(images, records):
@@ -29,7 +32,7 @@ def test_trained_model_matches_images_to_their_captions(tmp_path, world_tensors)
     (x, t), (vx, vt) = world_tensors
     cfg = train.TrainConfig(members=1, epochs=16, batch_size=100, lr=3e-3, warmup_steps=10)
     (path,) = train.train_ensemble(x, t, cfg, tmp_path)
-    model = models.load_into(models.create("trakview-tiny").model, path)
+    model = load_into(create("trakview-tiny").model, path)
     img, txt = embed.encode(model, vx, vt)
     sim = img @ txt.T  # (200, 200)
     top1 = (sim.argmax(1) == torch.arange(200)).float().mean().item()
@@ -63,7 +66,7 @@ def test_interrupted_member_resumes_to_the_same_weights(tmp_path, world_tensors,
     cfg = train.TrainConfig(members=1, epochs=3, batch_size=100, warmup_steps=2)
     (straight,) = train.train_ensemble(x, t, cfg, tmp_path / "straight")
 
-    original = models.save_checkpoint
+    original = save_checkpoint
     saved = {"n": 0}
 
     def crash_after_second_epoch(*args, **kwargs):
@@ -73,15 +76,15 @@ def test_interrupted_member_resumes_to_the_same_weights(tmp_path, world_tensors,
             raise KeyboardInterrupt("killed after epoch 2")
         return out
 
-    monkeypatch.setattr(models, "save_checkpoint", crash_after_second_epoch)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", crash_after_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         train.train_ensemble(x, t, cfg, tmp_path / "resumed")
     latest = train.member_dir(tmp_path / "resumed", 0) / "epoch_latest.pt"
     assert torch.load(latest, weights_only=True)["epoch"] == 2
-    monkeypatch.setattr(models, "save_checkpoint", original)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", original)
     (resumed,) = train.train_ensemble(x, t, cfg, tmp_path / "resumed")
-    a = models.read_state_dict(straight)
-    b = models.read_state_dict(resumed)
+    a = read_state_dict(straight)
+    b = read_state_dict(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not latest.exists()
 
@@ -117,9 +120,9 @@ def test_saved_epochs_are_the_trajectory_of_the_final_model(tmp_path, world_tens
     paths = train.member_checkpoints(tmp_path / "kept", 0, kept)
     assert [p.name for p in paths] == ["epoch_1.pt", "epoch_2.pt", "epoch_3.pt"]
     assert [torch.load(p, weights_only=True)["epoch"] for p in paths] == [1, 2, 3]
-    a, b = models.read_state_dict(final_plain), models.read_state_dict(final_kept)
+    a, b = read_state_dict(final_plain), read_state_dict(final_kept)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    early = models.read_state_dict(paths[0])
+    early = read_state_dict(paths[0])
     assert not torch.equal(early["text_projection"], b["text_projection"])
     assert "optimizer" not in torch.load(paths[0], weights_only=True)
 
@@ -127,10 +130,10 @@ def test_saved_epochs_are_the_trajectory_of_the_final_model(tmp_path, world_tens
     again = replace(plain, save_epochs=[2])
     train.train_ensemble(x, t, again, tmp_path / "plain")
     mid = train.member_checkpoints(tmp_path / "plain", 0, again)[0]
-    c = models.read_state_dict(mid)
-    d = models.read_state_dict(paths[1])
+    c = read_state_dict(mid)
+    d = read_state_dict(paths[1])
     assert all(torch.equal(c[k], d[k]) for k in c)
-    e = models.read_state_dict(final_plain)
+    e = read_state_dict(final_plain)
     assert all(torch.equal(a[k], e[k]) for k in a)
 
 

@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from engine import models
-from engine.trak import (
+from engine.attribution.gradients import (
     CheckpointStack,
-    ClipMargin,
-    KeyedProjector,
-    RegularizedScoreComputer,
     SelectiveGradientComputer,
-    SimulatedBatch,
     select_parameters,
 )
+from engine.attribution.margin import ClipMargin, SimulatedBatch
+from engine.attribution.projection import KeyedProjector
+from engine.attribution.scoring import RegularizedScoreComputer
+from engine.models.checkpoints import load_into
+from engine.models.factory import create
 
 
 def test_simulated_batch_is_seeded_uniform_and_excludes_the_pair():
@@ -46,7 +46,7 @@ def test_simulated_batch_is_capped_by_the_training_set():
 
 
 def test_select_parameters():
-    model = models.create("trakview-tiny").model
+    model = create("trakview-tiny").model
     names = [n for n, _ in model.named_parameters()]
     assert select_parameters(model, "all") == names
     no_tok = select_parameters(model, "no-token-embedding")
@@ -71,7 +71,7 @@ def _margin_by_autograd(model, image, text, sim_image, sim_text):
 
 @pytest.mark.parametrize("grad_params", ["all", "no-token-embedding"])
 def test_projected_gradient_equals_autograd_times_projection(tensors, checkpoints, grad_params):
-    model = models.load_into(models.create("trakview-tiny").model, checkpoints[0])
+    model = load_into(create("trakview-tiny").model, checkpoints[0])
     images, tokens = tensors["train"]
     with torch.no_grad():
         img_emb, txt_emb, _ = model(images, tokens)
@@ -108,7 +108,7 @@ def test_projected_gradient_equals_autograd_times_projection(tensors, checkpoint
 
 
 def test_out_to_loss_is_one_minus_the_match_probability(tensors, checkpoints):
-    model = models.load_into(models.create("trakview-tiny").model, checkpoints[0])
+    model = load_into(create("trakview-tiny").model, checkpoints[0])
     images, tokens = tensors["train"]
     with torch.no_grad():
         img, txt, scale = model(images, tokens)
@@ -153,7 +153,7 @@ def test_checkpoint_stack_equals_each_checkpoint_alone(tensors, checkpoints, gra
     images, tokens = tensors["train"]
     computers, sims = [], []
     for m, path in enumerate(checkpoints):
-        model = models.load_into(models.create("trakview-tiny").model, path)
+        model = load_into(create("trakview-tiny").model, path)
         with torch.no_grad():
             img_emb, txt_emb, _ = model(images, tokens)
         task = ClipMargin()
@@ -162,7 +162,9 @@ def test_checkpoint_stack_equals_each_checkpoint_alone(tensors, checkpoints, gra
         computers.append(
             SelectiveGradientComputer(model, task, 0, torch.float32, "cpu", grad_wrt=names)
         )
-        sims.append(task._sim(SimulatedBatch(len(images), 30, seed=0).for_targets(1, m)))
+        sims.append(
+            task.batch_embeddings(SimulatedBatch(len(images), 30, seed=0).for_targets(1, m))
+        )
     stack = CheckpointStack(computers)
     x, t = images[9], tokens[9]
     got = stack.margin_grads(x, t, torch.cat([s[0] for s in sims]), torch.cat([s[1] for s in sims]))

@@ -1,0 +1,130 @@
+"""The attributed model output: the CLIP margin of the TRAK paper over a simulated batch.
+
+- ``SimulatedBatch``: which training pairs form each pair's simulated batch (seeded, uniform,
+  never the pair itself), so the margin depends neither on batching nor on the order of work.
+- ``ClipMargin`` (traker's ``AbstractModelOutput``): the margin (Section 5.1.1; seed tutorial
+  "Applying TRAK to a custom task #3: CLIP") and its out-to-loss term; the batch's embeddings are
+  instance state, set per checkpoint (traker's stock class keeps them in class attributes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from torch import Tensor
+from trak.modelout_functions import AbstractModelOutput
+
+from engine.errors import DataError
+
+
+class SimulatedBatch:
+    """The simulated batch of the CLIP margin: which training pairs each pair is scored against.
+
+    Training pair ``i`` of checkpoint ``m`` gets ``size`` distinct training pairs drawn uniformly
+    from the other ``n - 1`` (never itself), from a generator seeded by ``(seed, m, i)``: the draw
+    depends neither on batching nor on the order of work, so a resumed build repeats it exactly.
+    Targets (validation pairs and new queries) share one draw per checkpoint from all ``n`` pairs,
+    so a query of a validation pair's own image and caption reproduces that pair's scores.
+    """
+
+    def __init__(self, n_train: int, size: int, seed: int = 0) -> None:
+        if n_train < 2:
+            raise DataError(f"the simulated batch needs at least 2 training pairs, got {n_train}")
+        self.n_train = n_train
+        self.size = min(size, n_train - 1)
+        self.seed = seed
+
+    def for_train(self, indices: Iterable[int], model_id: int) -> Tensor:
+        """(B, size) int64 training indices, row b never containing ``indices[b]``."""
+        rows = []
+        for i in indices:
+            rng = np.random.default_rng([self.seed, model_id, int(i)])
+            draw = rng.choice(self.n_train - 1, size=self.size, replace=False)
+            rows.append(draw + (draw >= i))  # skip i itself
+        return torch.as_tensor(np.stack(rows), dtype=torch.int64)
+
+    def for_targets(self, count: int, model_id: int) -> Tensor:
+        """(count, size) int64: the same draw for every target of checkpoint ``model_id``."""
+        rng = np.random.default_rng([self.seed, model_id, 2**32 - 1])
+        draw = torch.as_tensor(rng.choice(self.n_train, size=self.size, replace=False))
+        return draw.to(torch.int64).expand(count, -1)
+
+
+class ClipMargin(AbstractModelOutput):
+    """The CLIP model output of the TRAK paper (Section 5.1.1) over a simulated batch B:
+
+    f(x_i, y_i) = -logsumexp_{j in B}(S_ij - S_ii) - logsumexp_{j in B}(S_ji - S_ii),
+    with S_ij the cosine similarity of image i and caption j. The embeddings of the batch B come
+    from ``set_embeddings`` (one checkpoint's training-set embeddings) and are constants.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.image_emb: Tensor | None = None  # (n_train, d), L2-normalised
+        self.text_emb: Tensor | None = None
+
+    def set_embeddings(self, image_emb: Tensor, text_emb: Tensor) -> None:
+        """Uses these training-set embeddings (of the checkpoint being featurized/scored)."""
+        self.image_emb = image_emb.float()
+        self.text_emb = text_emb.float()
+
+    def batch_embeddings(self, sim_idx: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, S, d) image and text embeddings of the training pairs ``sim_idx`` (B, S): each
+        pair's simulated batch, on the device of ``sim_idx``."""
+        if self.image_emb is None or self.text_emb is None:
+            raise RuntimeError("ClipMargin.set_embeddings must be called before computing outputs")
+        if self.image_emb.device != sim_idx.device:
+            # The embeddings follow the computation: the build and the query engine set them from
+            # numpy (CPU) and index them with the batch's indices, on the model's device.
+            self.image_emb = self.image_emb.to(sim_idx.device)
+            self.text_emb = self.text_emb.to(sim_idx.device)
+        return self.image_emb[sim_idx], self.text_emb[sim_idx]
+
+    def get_output(  # type: ignore[override]
+        self,
+        model: torch.nn.Module,
+        weights: dict[str, Tensor],
+        buffers: dict[str, Tensor],
+        image: Tensor,
+        text: Tensor,
+        sim_image: Tensor,
+        sim_text: Tensor,
+    ) -> Tensor:
+        """The margin of one pair (no batch dimension; vmapped by the gradient computer).
+
+        Args:
+            image: (3, H, W) preprocessed image.
+            text: (context_length,) token ids.
+            sim_image, sim_text: (S, d) embeddings of the pair's simulated batch.
+        """
+        img, txt, _ = torch.func.functional_call(
+            model, (weights, buffers), args=(image.unsqueeze(0), text.unsqueeze(0))
+        )[:3]  # (1, d) each; SigLIP-style models return a logit bias too
+        s_ii = (img * txt).sum()
+        s_ij = (img @ sim_text.T).squeeze(0)  # (S,) this image against the batch's captions
+        s_ji = (txt @ sim_image.T).squeeze(0)  # (S,) this caption against the batch's images
+        return -torch.logsumexp(s_ij - s_ii, dim=0) - torch.logsumexp(s_ji - s_ii, dim=0)
+
+    def get_out_to_loss_grad(  # type: ignore[override]
+        self,
+        model: torch.nn.Module,
+        weights: dict[str, Tensor],
+        buffers: dict[str, Tensor],
+        batch: tuple[Tensor, Tensor, Tensor],
+    ) -> Tensor:
+        """1 - p_i, (B, 1): p_i the mean of the image->text and text->image probabilities of the
+        correct match (TRAK paper, Section 5.1.1). Computed over the pair's own simulated batch at
+        the model's temperature, so it does not depend on how pairs are batched.
+        """
+        image, text, sim_idx = batch
+        with torch.no_grad():
+            out = torch.func.functional_call(model, (weights, buffers), args=(image, text))
+            img, txt, scale = out[0], out[1], out[2]  # (B, d), (B, d), ()
+            sim_image, sim_text = self.batch_embeddings(sim_idx)  # (B, S, d)
+            s_ii = (img * txt).sum(-1, keepdim=True)  # (B, 1)
+            row = torch.cat([s_ii, torch.einsum("bd,bsd->bs", img, sim_text)], 1) * scale
+            col = torch.cat([s_ii, torch.einsum("bd,bsd->bs", txt, sim_image)], 1) * scale
+            p = (row.softmax(1)[:, 0] + col.softmax(1)[:, 0]) / 2
+        return (1 - p).unsqueeze(1)

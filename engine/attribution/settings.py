@@ -1,0 +1,95 @@
+"""The settings of an attribution run (``BuildConfig``), recorded in its manifest.
+
+They sit below both the build and the query engine: a new query reproduces the build's model
+output, parameters and projection from the settings the manifest holds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass, field, replace
+
+from engine.errors import ConfigError, DeviceError
+
+DEFAULT_SHARD_SIZE = 20_000  # pairs per unit; traker's score computer works in blocks of 20,000
+# --projector choices for the dense parameters (token rows always use keyed Gaussian blocks):
+PROJECTORS = {
+    "gaussian": "dense Gaussian JL matrix, float32 (traker's CudaProjector on CUDA with fast_jl)",
+    "gaussian-bf16": "the same matrix, multiplied in bfloat16 (about 2x faster on CPUs with BF16)",
+    "sketch": "count sketch to 4 x proj_dim buckets, then a Gaussian: O(D) per pair (default)",
+}
+
+
+@dataclass
+class BuildConfig:
+    """Settings of an attribution run (all recorded in the manifest)."""
+
+    model: str = "trakview-tiny"  # open_clip architecture of the checkpoints
+    checkpoints: list[str] = field(default_factory=list)  # one path per ensemble member
+    proj_dim: int = 0  # JL projection dimension; 0 = from the data (n_train/4, 64..1024)
+    grad_params: str = (
+        "auto"  # attributed parameters; auto = no-token-embedding on CPU, all on CUDA
+    )
+    lambda_reg: float | None = None  # ridge term of X^T X; None = lambda_rel * mean eigenvalue
+    lambda_rel: float = 1e-3  # relative ridge term used when lambda_reg is None
+    sim_batch_size: int = 256  # simulated batch of the CLIP margin (capped at n_train - 1)
+    batch_size: int = 50  # pairs per per-sample-gradient batch
+    seed: int = 0  # seeds the simulated batches and the projection
+    device: str = "cpu"  # "cpu" or "cuda"
+    half: bool = False  # float16 TRAK features (CUDA only: on CPU it ruins the scores)
+    projector: str = "auto"  # JL projection of the dense parameters' gradients, see PROJECTORS
+    topk: int = 50  # influencers stored per validation pair and sign
+    pretrained: str | None = None  # open_clip pretrained tag: its preprocessing and activation
+    workers: int = -1  # DataLoader workers reading images; -1 = 0 below 1000 images, else <= 4
+    shard_size: int = 0  # pairs per unit of work (embed, featurize, targets); 0 = 20,000
+
+
+# Settings that do not change a run's results: a resume may change them.
+NOT_IDENTITY = ("workers", "checkpoints")  # checkpoints are compared by content hash instead
+
+
+def resolve(cfg: BuildConfig, n_train: int, check_device: bool = True) -> BuildConfig:
+    """Fills in the data-dependent defaults and checks the settings (``check_device``: that
+    this machine has the device; a cluster's driver may have none)."""
+    if not cfg.checkpoints:
+        raise ConfigError("no checkpoints given: pass --checkpoint PATH (repeatable)")
+    if cfg.device not in ("cpu", "cuda") and not cfg.device.startswith("cuda:"):
+        raise ConfigError(f"--device must be 'cpu' or 'cuda', got {cfg.device!r}")
+    if check_device and cfg.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise DeviceError("--device cuda was asked for but torch sees no CUDA device; use cpu")
+    if cfg.half and cfg.device == "cpu":
+        raise ConfigError(
+            "--half needs --device cuda: on CPU float16 X^T X loses the inverse "
+            "(scores near random) and float16 matmul is ~100x slower"
+        )
+    proj_dim = cfg.proj_dim or int(min(1024, max(64, 2 ** math.floor(math.log2(n_train / 4)))))
+    grad_params = cfg.grad_params
+    if grad_params == "auto":
+        grad_params = "no-token-embedding" if cfg.device == "cpu" else "all"
+    topk = min(cfg.topk, n_train)
+    projector = cfg.projector
+    if projector == "auto":
+        # The dense Gaussian only pays off on CUDA with fast_jl: without it, a ViT-B/32's matrix
+        # (hundreds of GiB) is regenerated every batch (measured on an H100, BENCHMARKS.md).
+        fast_jl = importlib.util.find_spec("fast_jl") is not None
+        projector = "gaussian" if cfg.device != "cpu" and fast_jl else "sketch"
+    if projector not in PROJECTORS:
+        raise ConfigError(
+            f"--projector must be one of {', '.join(PROJECTORS)} or auto, got {projector!r}"
+        )
+    if cfg.shard_size < 0:
+        raise ConfigError(
+            f"--shard-size must be 0 (auto) or a number of pairs, got {cfg.shard_size}"
+        )
+    return replace(
+        cfg,
+        shard_size=cfg.shard_size or DEFAULT_SHARD_SIZE,
+        proj_dim=proj_dim,
+        grad_params=grad_params,
+        topk=topk,
+        projector=projector,
+    )

@@ -1,0 +1,88 @@
+"""A finished run opened for reading: its manifest, pair lists and stored arrays.
+
+``RunData`` reads what every explorer needs once (records, ensemble embeddings, per-pair CLIP
+statistics; the scores as a memory map) and answers a validation pair's influencers from the
+stored scores, recomputing nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
+
+from engine import files
+from engine.data.images import materialize
+from engine.errors import InputError
+from engine.explore.results import Influencer, QueryResult, make_cards, ranked_result
+from engine.run.layout import RunLayout
+from engine.run.manifest import open_manifest
+
+
+class RunData:
+    """A finished run's stored results (``open_manifest`` refuses an unfinished one)."""
+
+    def __init__(self, run: str | os.PathLike) -> None:
+        self.run = Path(run)
+        self.layout = RunLayout(self.run)
+        self.manifest = open_manifest(self.run)
+        self.cfg = self.manifest.config
+        self.n_models = self.manifest.n_models
+        self.train = files.read_jsonl(self.layout.pairs("train"))
+        self.val = files.read_jsonl(self.layout.pairs("val"))
+        self.val_index = {str(r["id"]): j for j, r in enumerate(self.val)}
+        self.scores = files.load_npy(self.layout.scores, mmap=True)  # (n_train, n_val)
+        self.train_image_emb = files.load_npy(self.layout.embeddings("train", "image"))
+        self.val_image_emb = files.load_npy(self.layout.embeddings("val", "image"))
+        self.val_clip_sim = files.load_npy(self.layout.clip_sim("val"))
+        self.val_margin = files.load_npy(self.layout.margin("val"))
+
+    @functools.cached_property
+    def val_caption_rank(self) -> np.ndarray:
+        """(n_val,) rank of each validation pair's own caption, 1 = best."""
+        return files.load_npy(self.layout.caption_rank("val"))
+
+    @functools.cached_property
+    def suspect(self) -> np.ndarray | None:
+        """(n_train,) suspected-mislabeled ranking (higher = more suspect), if the run has one."""
+        path = self.layout.suspect
+        return files.load_npy(path) if path.is_file() else None
+
+    def image_path(self, rel: str) -> str:
+        """A pair's image file (paths are relative to the run directory, or absolute; an image
+        inside a WebDataset shard is extracted once into the run's cache)."""
+        path = rel if Path(rel).is_absolute() else str(self.run / rel)
+        return str(materialize(path, self.layout.image_cache))
+
+    def val_position(self, val_id: str) -> int:
+        """Row of a validation id, with a clear error for an unknown one."""
+        if str(val_id) not in self.val_index:
+            examples = ", ".join(list(self.val_index)[:3])
+            raise InputError(
+                f"unknown validation id {val_id!r}; ids look like {examples} (see val.jsonl)"
+            )
+        return self.val_index[str(val_id)]
+
+    def cards(self, order: np.ndarray, values: np.ndarray, sign: str) -> list[Influencer]:
+        """Gallery cards for training rows ``order`` (strongest first), scored by ``values``."""
+        return make_cards(self.train, order, values, sign)
+
+    def for_val(self, val_id: str, k: int = 10) -> QueryResult:
+        """A validation pair's influencers from the stored scores (nothing is recomputed)."""
+        j = self.val_position(val_id)
+        rec = self.val[j]
+        column = np.asarray(self.scores[:, j], dtype=np.float32)
+        similarity = self.train_image_emb @ self.val_image_emb[j]  # (n_train,)
+        return ranked_result(
+            self.train,
+            rec["caption"],
+            column,
+            similarity,
+            float(self.val_clip_sim[j]),
+            float(self.val_margin[j]),
+            k,
+            val_id=str(rec["id"]),
+            image=rec["image"],
+        )
