@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -32,6 +33,24 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def claim_folder(
+    folder: Path, marker: Path, wanted: dict[str, Any], overwrite: bool
+) -> dict[str, Any] | None:
+    """A folder that records the settings it was made with in ``marker``.
+
+    Returns the recorded settings when the folder was made before (the caller compares them
+    with ``wanted``); else, or with ``overwrite``, empties and (re)creates the folder, records
+    ``wanted`` and returns None.
+    """
+    if marker.is_file() and not overwrite:
+        return read_json(marker)
+    if overwrite and folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(marker, wanted)
+    return None
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -12,7 +12,6 @@ finished.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -39,26 +38,21 @@ def _open_run(
 ) -> None:
     """Creates the run directory, or checks that an existing one was started the same way."""
     wanted = {"format_version": FORMAT_VERSION, "config": asdict(cfg), **identity}
-    path = layout.config
-    if path.is_file() and not overwrite:
-        have = files.read_json(path)
-        diffs = [
-            f"{k}: {have.get('config', {}).get(k)!r} -> {v!r}"
-            for k, v in wanted["config"].items()
-            if have.get("config", {}).get(k) != v and k not in NOT_IDENTITY
-        ] + [f"{k} differs" for k in identity if have.get(k) != identity[k]]
-        if have.get("format_version") != FORMAT_VERSION:
-            diffs.insert(0, f"format version {have.get('format_version')} != {FORMAT_VERSION}")
-        if diffs:
-            raise RunMismatchError(
-                f"run {layout.root} was started with other settings ({'; '.join(diffs[:4])}). "
-                "Pass --overwrite to start it again from scratch, or choose another --out"
-            )
+    have = files.claim_folder(layout.root, layout.config, wanted, overwrite)
+    if have is None:
         return
-    if overwrite and layout.root.exists():
-        shutil.rmtree(layout.root)
-    layout.root.mkdir(parents=True, exist_ok=True)
-    files.write_json(path, wanted)
+    diffs = [
+        f"{k}: {have.get('config', {}).get(k)!r} -> {v!r}"
+        for k, v in wanted["config"].items()
+        if have.get("config", {}).get(k) != v and k not in NOT_IDENTITY
+    ] + [f"{k} differs" for k in identity if have.get(k) != identity[k]]
+    if have.get("format_version") != FORMAT_VERSION:
+        diffs.insert(0, f"format version {have.get('format_version')} != {FORMAT_VERSION}")
+    if diffs:
+        raise RunMismatchError(
+            f"run {layout.root} was started with other settings ({'; '.join(diffs[:4])}). "
+            "Pass --overwrite to start it again from scratch, or choose another --out"
+        )
 
 
 class _Timer:
@@ -147,7 +141,7 @@ def build(
             invocation,
             out,
             "The settings this run was built with; repeat it with\n"
-            "  trakview build --config RUN/run.toml",
+            f"  trakview build --config RUN/{layout.run_toml.name}",
         )
     return out
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +23,15 @@ def read_result(path: Path) -> dict[str, Any] | None:
 
 def open_cache(cache: EvalCache, identity: dict[str, Any], overwrite: bool) -> None:
     """Creates a cache folder, or checks that an existing one was made with the same settings."""
-    path = cache.config
-    if path.is_file() and not overwrite:
-        have = files.read_json(path)
-        diffs = [f"{k}: {have.get(k)!r} -> {v!r}" for k, v in identity.items() if have.get(k) != v]
-        if diffs:
-            raise EvalMismatchError(
-                f"{cache.folder} holds models made with other settings ({'; '.join(diffs[:3])}). "
-                "Pass --overwrite to delete them and start again, or use the same settings"
-            )
+    have = files.claim_folder(cache.folder, cache.config, identity, overwrite)
+    if have is None:
         return
-    if overwrite and cache.folder.exists():
-        shutil.rmtree(cache.folder)
-    files.write_json(path, identity)
+    diffs = [f"{k}: {have.get(k)!r} -> {v!r}" for k, v in identity.items() if have.get(k) != v]
+    if diffs:
+        raise EvalMismatchError(
+            f"{cache.folder} holds models made with other settings ({'; '.join(diffs[:3])}). "
+            "Pass --overwrite to delete them and start again, or use the same settings"
+        )
 
 
 def retrain_context(
