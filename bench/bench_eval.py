@@ -249,6 +249,11 @@ def pending_removal() -> str:
     )
 
 
+def against_zero(ci: list[float]) -> str:
+    """Where an interval of a difference lies: above 0, below 0, or across it."""
+    return "above 0" if ci[0] > 0 else "below 0" if ci[1] < 0 else "includes 0"
+
+
 def verdicts(result: dict, name: str) -> list[str]:
     """Per baseline: is TRAK above it by more than the intervals (paired, and not overlapping)?"""
     trak = result["trak"]
@@ -257,12 +262,11 @@ def verdicts(result: dict, name: str) -> list[str]:
         if k == "trak" or k not in LABELS:
             continue
         diff = m["reference_minus_this"]
-        paired = diff["ci"][0] > 0
-        apart = trak["ci"][0] > m["ci"][1]
+        apart = trak["ci"][0] > m["ci"][1] or m["ci"][0] > trak["ci"][1]
         out.append(
             f"{name}: TRAK {trak['lds']:+.3f} vs {LABELS[k]} {m['lds']:+.3f}: difference "
             f"{diff['mean']:+.3f} [{diff['ci'][0]:+.3f}, {diff['ci'][1]:+.3f}] "
-            + ("(paired interval above 0" if paired else "(paired interval includes 0")
+            f"(paired interval {against_zero(diff['ci'])}"
             + ("; the two intervals do not overlap)" if apart else "; the intervals overlap)")
         )
     return out
@@ -301,9 +305,8 @@ def removal_section(run: Path, args, tcfg: train.TrainConfig, work: Path) -> tup
             lines.append(
                 f"Removal, k = {r['k']}: the target's margin changes by {r['mean_delta']:+.3f} "
                 f"without {REMOVED.get(r['method'], r['method'])} and by {trak_change[r['k']]:+.3f}"
-                f" without the top-k TRAK influencers, {diff['mean']:.3f} lower "
-                f"[{diff['ci'][0]:+.3f}, {diff['ci'][1]:+.3f}]"
-                + (" (interval above 0)" if diff["ci"][0] > 0 else " (interval includes 0)")
+                f" without the top-k TRAK influencers: difference {diff['mean']:+.3f} "
+                f"[{diff['ci'][0]:+.3f}, {diff['ci'][1]:+.3f}] (interval {against_zero(diff['ci'])})"
             )
     header = (
         "k",

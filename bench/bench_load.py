@@ -247,7 +247,7 @@ def embed_only(args: argparse.Namespace, ckpt: Path) -> None:
     big0, big2, small2, small0 = rows
     tiny_mib = args.n * 3 * 32 * 32 * 4 / 2**20
     note = (
-        f"Machine: {machine()}. The build's embedding stage (`data.loader` streaming batches of "
+        f"Machine: {machine()}. The build's embedding stage (`engine.data.loading.loader` streaming batches of "
         "256 through the checkpoint's open_clip preprocessing, then `encode`), each setting in its "
         f"own process, over generated images 256-640 px a side (JPEG in RGB, L and CMYK, PNG in "
         "RGBA) listed in an open_clip_train CSV, with one trakview-tiny checkpoint.\n\n"

@@ -16,6 +16,7 @@ import streamlit as st
 from dashboard.plots import BLUE, GREEN, GREY, RED
 from engine.evaluate.lds import read_lds
 from engine.evaluate.removal import read_removal
+from engine.explore.trust import lds_trust
 
 LABELS = {
     "trak": "TRAK (trakview)",
@@ -99,6 +100,30 @@ def removal_figure(summary: list[dict[str, Any]]) -> go.Figure:
     return _figure(fig, "Retrained without k pairs: margin change")
 
 
+def lds_meaning(result: dict[str, Any]) -> str:
+    """What the LDS numbers say, in one sentence a reader can act on."""
+    methods = result["methods"]
+    trak = methods.get("trak")
+    if trak is None:
+        return ""
+    trust = result.get("trust") or lds_trust(methods)
+    said = f"**TRAK's LDS is {trak['lds']:+.3f} {_interval(trak['ci'])}.** "
+    if trust["above_random"] is False:
+        return said + (
+            "Its interval overlaps the random baseline's: on retrained models these scores "
+            "predict the model no better than chance. Treat the galleries as noise."
+        )
+    if trust["above_clip"] is False:
+        return said + (
+            "It beats random, but its interval is not above plain CLIP similarity's: the "
+            "galleries add little to 'the most similar training pairs'."
+        )
+    return said + (
+        "Its interval is above random's and every CLIP-similarity baseline's: removing the "
+        "pairs TRAK ranks high changes the model as TRAK predicts, beyond what similarity tells."
+    )
+
+
 def lds_section(run: Path) -> None:
     """The LDS table and plot, or how to compute them."""
     result = read_lds(run)
@@ -116,6 +141,7 @@ def lds_section(run: Path) -> None:
         "method's scores over the subset and the model's actual CLIP margin, averaged over the "
         f"{c['n_val']} validation pairs. 1 = perfect, 0 = no better than chance."
     )
+    st.markdown(lds_meaning(result))
     ranked = sorted(result["methods"].items(), key=lambda kv: -kv[1]["lds"])
     left, right = st.columns([3, 2])
     left.dataframe(

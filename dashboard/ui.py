@@ -20,6 +20,7 @@ from dashboard import plots, state
 from dashboard.plots import COLOUR, TITLE
 from engine.explore import export
 from engine.explore.results import Influencer, QueryResult
+from engine.explore.trust import Verdict
 from engine.explore.view import RunView
 
 MD_COLOUR = {"positive": "green", "negative": "red", "similar": "blue", "suspect": "orange"}
@@ -112,6 +113,40 @@ def val_picker(run: RunView, selected: str) -> None:
                     type="primary" if str(rec["id"]) == selected else "secondary",
                     width="stretch",
                 )
+
+
+def trust_banner(verdict: Verdict, always: bool = False) -> None:
+    """The run's trust verdict: a banner when it is not reliable (or ``always``)."""
+    if verdict.reliable and not always:
+        return
+    show = {"no signal": st.error, "weak": st.warning}.get(verdict.level, st.success)
+    show(
+        f"**Attributions: {verdict.level}.** {verdict.reason[0].upper()}{verdict.reason[1:]}.",
+        icon=":material/verified:" if verdict.reliable else ":material/warning:",
+    )
+    with st.expander("What trakview measured"):
+        st.markdown("\n".join(f"- {html.escape(line)}" for line in verdict.evidence))
+
+
+def suspect_comparison(aurocs: dict[str, float] | None) -> None:
+    """How well each suspect signal finds the planted mislabeled pairs (runs with ground truth)."""
+    if aurocs is None:
+        return
+    st.dataframe(
+        {
+            "signal": list(aurocs),
+            "ROC AUC (planted mislabeled pairs)": [f"{v:.3f}" for v in aurocs.values()],
+        },
+        hide_index=True,
+        key="suspect-aurocs",
+    )
+    trak = aurocs["self-influence"]
+    plain = max(v for k, v in aurocs.items() if k in ("CLIP similarity (low)", "caption rank"))
+    if trak <= plain:
+        st.caption(
+            f"TRAK self-influence alone ({trak:.3f}) does not beat the model's own retrieval "
+            f"signals ({plain:.3f}) here; the ranking shown combines it with the caption rank."
+        )
 
 
 def badges(rec: dict) -> str:

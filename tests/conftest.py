@@ -20,7 +20,8 @@ from engine.models import train
 from engine.models.factory import create
 
 SMALL_WORLD = synthetic.WorldConfig(n_train=240, n_val=40, seed=3, near_duplicate_fraction=0.1)
-SMALL_TRAIN = train.TrainConfig(members=2, epochs=4, batch_size=60, lr=3e-3, warmup_steps=4)
+# 20 epochs: the small world is learnt (validation retrieval far above chance, lift ~0.9)
+SMALL_TRAIN = train.TrainConfig(members=2, epochs=20, batch_size=30, lr=3e-3, warmup_steps=4)
 
 
 @pytest.fixture(autouse=True)

@@ -26,6 +26,7 @@ with st.sidebar:
     ui.val_picker(run, val_id)
 
 st.title("Why does the model match this pair?")
+ui.trust_banner(run.verdict())
 st.caption(
     "TRAK scores every training pair by how much it raises (green) or lowers (red) the model's "
     "CLIP margin for the selected image and caption. Pick another pair on the left."

@@ -7,6 +7,7 @@ import numpy as np
 import streamlit as st
 
 from dashboard import eval_view, state, ui
+from engine.evaluate import groundtruth
 from engine.explore.results import QueryResult
 
 run = state.open_run()
@@ -15,6 +16,7 @@ cfg, counts = manifest.config, manifest.counts
 timings = {k: v for k, v in manifest.timings_seconds.items() if v is not None}
 
 st.title("Overview of the run")
+ui.trust_banner(run.verdict(), always=True)
 st.caption(f"`{run.run}` · model `{cfg.model}`")
 facts = {
     "Checkpoints": counts.n_checkpoints,
@@ -69,13 +71,14 @@ ui.export_buttons(run, whole, "ov-whole", query_image=run.val_mosaic)
 
 st.header("Suspected mislabeled training pairs")
 if run.suspect is None:
-    st.info("This run has no suspect_mislabeled.npy (built by `trakview build`'s diagnose stage).")
+    st.info("This run has no suspect ranking: rebuild it with this version of `trakview build`.")
 else:
     st.caption(
-        "Training pairs ranked by TRAK self-influence (suspect_mislabeled.npy): a pair whose "
-        "caption contradicts its image has a large loss and a gradient the rest of the data does "
-        "not explain. Where the demo's ground truth is known it is shown."
+        "Training pairs ranked by the rank average of TRAK self-influence (a gradient the rest of "
+        "the data does not explain) and the caption's rank among the training captions for its "
+        "image (the model's own retrieval). Where the data has ground truth it is shown."
     )
+    ui.suspect_comparison(groundtruth.signal_aurocs(run.suspect_signals(), run.train))
     order = np.argsort(-run.suspect, kind="stable")[:k]
     suspects = run.cards(order, run.suspect, "suspect")
     notes = {}

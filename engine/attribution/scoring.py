@@ -14,10 +14,9 @@ import torch
 from torch import Tensor
 from trak.score_computers import AbstractScoreComputer
 
-log = logging.getLogger(__name__)
+from engine.attribution.settings import MAX_CONDITION
 
-# Checks the conditioning of X^T X + lambda I; beyond this float32 scores are dominated by noise.
-MAX_CONDITION = 1e7
+log = logging.getLogger(__name__)
 
 
 class RegularizedScoreComputer(AbstractScoreComputer):

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field, replace
 
 from engine.errors import ConfigError, DeviceError
 
+# Checks the conditioning of X^T X + lambda I; beyond this float32 scores are dominated by noise.
+MAX_CONDITION = 1e7
+
 DEFAULT_SHARD_SIZE = 20_000  # pairs per unit; traker's score computer works in blocks of 20,000
 # --projector choices for the dense parameters (token rows always use keyed Gaussian blocks):
 PROJECTORS = {

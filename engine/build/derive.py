@@ -2,10 +2,9 @@
 self-influence and the "suspected mislabeled" ranking of training pairs (stages ``ensemble`` and
 ``diagnose``).
 
-Suspected mislabeled pairs are ranked by TRAK self-influence (Koh & Liang 2017; Pruthi et al.
-2020): the score of a training pair for itself, x_i (X^T X + lambda I)^-1 x_i times its out-to-loss
-weight, averaged over checkpoints. A pair whose caption contradicts its image has a large loss
-(out-to-loss weight near 1) and a gradient the rest of the data does not explain (high leverage).
+Self-influence is the TRAK score of a training pair for itself, x_i (X^T X + lambda I)^-1 x_i
+times its out-to-loss weight, averaged over checkpoints; suspected mislabeled pairs are ranked by
+the signals of ``engine.attribution.suspects``.
 """
 
 from __future__ import annotations
@@ -15,8 +14,10 @@ import numpy as np
 from engine import files
 from engine.attribution.margin import SimulatedBatch
 from engine.attribution.scoring import self_influence
+from engine.attribution.suspects import SHIPPED, suspect_signals
 from engine.attribution.settings import BuildConfig
 from engine.models import embed
+from engine.run.health import health
 from engine.run.layout import MODALITIES, SPLITS, RunLayout
 
 
@@ -65,7 +66,7 @@ def run_self_influence(layout: RunLayout, n_models: int) -> np.ndarray:
 
 
 def finish_run(layout: RunLayout, cfg: BuildConfig, n_models: int) -> None:
-    """Writes the derived arrays of a run (stages ensemble, diagnose)."""
+    """Writes the derived arrays of a run (stages ensemble, diagnose, health)."""
     if not layout.stage_done("ensemble"):
         for split in SPLITS:
             for modality in MODALITIES:
@@ -83,5 +84,10 @@ def finish_run(layout: RunLayout, cfg: BuildConfig, n_models: int) -> None:
     if not layout.stage_done("diagnose"):
         si = run_self_influence(layout, n_models)
         files.save_npy(layout.self_influence, si)
-        files.save_npy(layout.suspect, si)
-        layout.mark_stage("diagnose", {"suspect_method": "self-influence"})
+        signals = suspect_signals(
+            si, files.load_npy(layout.clip_sim("train")), files.load_npy(layout.caption_rank("train"))
+        )
+        files.save_npy(layout.suspect, signals[SHIPPED].astype(np.float32))
+        layout.mark_stage("diagnose", {"suspect_method": SHIPPED})
+    if not layout.stage_done("health"):
+        layout.mark_stage("health", {"retrieval": health(layout, n_models, cfg.seed)})

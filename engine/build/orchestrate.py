@@ -217,4 +217,5 @@ def _manifest(
             for u in units
         ],
         invocation=invocation or {},
+        health=layout.read_stage("health"),
     )

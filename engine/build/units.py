@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from engine import files
-from engine.attribution.scoring import MAX_CONDITION, topk_indices
+from engine.attribution.scoring import topk_indices
+from engine.attribution.settings import MAX_CONDITION
 from engine.build.context import WorkContext
 from engine.build.graph import Unit, unit_id
 from engine.models.embed import encode

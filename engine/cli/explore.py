@@ -64,7 +64,7 @@ def export(
     from engine.data.images import open_query_image
     from engine.errors import InputError
     from engine.explore import export as export_mod
-    from engine.explore.query import QueryEngine
+    from engine.explore.run_data import RunData
 
     setup_logging(False)
     new_query = image is not None or caption is not None
@@ -76,12 +76,13 @@ def export(
             f"{' and '.join(given) or 'none of them'}"
         )
     export_mod.parse_format(fmt)
-    engine = QueryEngine.load(run, device=device)
-    if val is not None:
-        result, query_image = engine.for_val(val, k=k), None
+    if val is not None:  # stored scores: no model, no torch
+        result, query_image = RunData(run).for_val(val, k=k), None
     else:
+        from engine.explore.query import QueryEngine
+
         query_image = open_query_image(image)
-        result = engine.query(query_image, caption, k=k)
+        result = QueryEngine.load(run, device=device).query(query_image, caption, k=k)
     typer.echo(str(export_mod.export(run, result, fmt, out, query_image=query_image)))
 
 
@@ -120,11 +121,17 @@ def info(
     run: Annotated[Path, typer.Argument(help="A run directory.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the whole manifest.")] = False,
 ) -> None:
-    """Summarise a run directory: model, checkpoints, sizes, settings and timings."""
+    """Summarise a run directory: model, checkpoints, sizes, settings, timings and whether its
+    attributions can be trusted."""
+    from engine.explore.trust import run_verdict
     from engine.run.manifest import open_manifest, summary
 
     manifest = open_manifest(run)
+    verdict = run_verdict(run, manifest)
     if as_json:
-        typer.echo(json.dumps(manifest.to_json(), indent=2))
+        typer.echo(json.dumps({**manifest.to_json(), "trust": verdict.to_json()}, indent=2))
         return
     typer.echo(summary(manifest))
+    typer.echo(f"trust        {verdict.level}: {verdict.reason}")
+    for line in verdict.evidence:
+        typer.echo(f"  {line}")

@@ -96,6 +96,13 @@ Separator = Annotated[
 IdKey = Annotated[
     str, typer.Option(help="Column of the pair id (default: the image path without extension).")
 ]
+ImageRoot = Annotated[
+    str | None,
+    typer.Option(
+        help="Folder the image paths of the listing start from (default: the listing's folder; "
+        "COCO: also the split's folder beside annotations/, as downloaded)."
+    ),
+]
 CocoCaptions = Annotated[
     str, typer.Option(help="COCO: 'first' caption per image, or 'all' (one pair per caption).")
 ]

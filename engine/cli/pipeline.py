@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
+from engine.cli import inputs
 from engine.cli.explore import serve
 from engine.cli.options import (
     CaptionKey,
@@ -19,6 +20,7 @@ from engine.cli.options import (
     ConfigFile,
     Format,
     IdKey,
+    ImageRoot,
     ImgKey,
     Jobs,
     Separator,
@@ -79,85 +81,6 @@ def demo(
         serve(run)
 
 
-def _read_sources(
-    train_data: str,
-    val_data: str | None,
-    val_fraction: float,
-    split_seed: int,
-    options: Any,
-) -> tuple[Any, Any]:
-    from engine.data.sources import read_source, split_val
-    from engine.errors import ConfigError
-
-    train_pairs = read_source(train_data, options)
-    if val_data is not None:
-        if val_fraction:
-            raise ConfigError("give either --val-data or --val-fraction, not both")
-        return train_pairs, read_source(val_data, options)
-    if not val_fraction:
-        return train_pairs, None
-    return split_val(train_pairs, val_fraction, split_seed)
-
-
-def _checkpoints(
-    model: str,
-    checkpoint: list[Path] | None,
-    checkpoints_dir: Path | None,
-    epochs: str | None,
-    pretrained: str | None,
-) -> list[str]:
-    from engine.errors import ConfigError
-    from engine.models.checkpoints import find_checkpoints
-    from engine.models.factory import resolve_pretrained
-
-    given = [
-        f
-        for f, v in (
-            ("--checkpoint", checkpoint),
-            ("--checkpoints-dir", checkpoints_dir),
-            ("--pretrained", pretrained),
-        )
-        if v
-    ]
-    if len(given) != 1:
-        raise ConfigError(
-            "give the checkpoints one way: --checkpoint PATH (repeatable), --checkpoints-dir DIR "
-            f"(open_clip_train's logs), or --pretrained TAG_OR_FILE; got "
-            f"{' and '.join(given) or 'none'}"
-        )
-    if epochs and not checkpoints_dir:
-        raise ConfigError("--epochs picks epochs from --checkpoints-dir; give that too")
-    if checkpoint:
-        return [str(p) for p in checkpoint]
-    if checkpoints_dir:
-        found = find_checkpoints(checkpoints_dir, epochs)
-        log.info(
-            "%d checkpoints from %s: %s",
-            len(found),
-            checkpoints_dir,
-            ", ".join(str(p.relative_to(checkpoints_dir)) for p in found),
-        )
-        return [str(p) for p in found]
-    return [str(resolve_pretrained(model, pretrained))]
-
-
-def _epoch_list(text: str, epochs: int) -> list[int]:
-    try:
-        values = sorted({int(v) for v in text.replace(" ", "").split(",") if v})
-    except ValueError as err:
-        raise typer.BadParameter(
-            f"expected epochs like 5,10: {err}", param_hint="--save-epochs"
-        ) from err
-    from engine.errors import ConfigError
-    from engine.models import train as train_mod
-
-    try:  # the trainer's own rule, checked before any data is read
-        train_mod.check_save_epochs(train_mod.TrainConfig(epochs=epochs, save_epochs=values))
-    except ConfigError as err:
-        raise typer.BadParameter(str(err), param_hint="--save-epochs") from err
-    return values
-
-
 def train(
     ctx: typer.Context,
     train_data: TrainData,
@@ -191,6 +114,7 @@ def train(
     csv_separator: Separator = None,
     id_key: IdKey = "id",
     coco_captions: CocoCaptions = "first",
+    image_root: ImageRoot = None,
     strict: Strict = False,
     workers: Workers = -1,
     jobs: Jobs = 0,
@@ -208,12 +132,14 @@ def train(
     from engine.run.layout import SKIPPED
 
     setup_logging(verbose)
-    kept = _epoch_list(save_epochs, epochs)
+    kept = inputs.epoch_list(save_epochs, epochs)
     if jobs < 0:
         raise typer.BadParameter(
             f"must be 0 (auto) or a number of processes, got {jobs}", param_hint="--jobs"
         )
-    options = SourceOptions(data_format, img_key, caption_key, id_key, csv_separator, coco_captions)
+    options = SourceOptions(
+        data_format, img_key, caption_key, id_key, csv_separator, coco_captions, image_root
+    )
     pairs = read_source(train_data, options)
     pairs, skipped = check_images(pairs, workers)
     if skipped:
@@ -291,6 +217,7 @@ def build(
     csv_separator: Separator = None,
     id_key: IdKey = "id",
     coco_captions: CocoCaptions = "first",
+    image_root: ImageRoot = None,
     strict: Strict = False,
     workers: Workers = -1,
     proj_dim: Annotated[int, typer.Option(help="JL dimension; 0 = n_train/4 (64..1024).")] = 0,
@@ -358,14 +285,18 @@ def build(
     from engine.run.invocation import settings_of
 
     setup_logging(verbose)
-    options = SourceOptions(data_format, img_key, caption_key, id_key, csv_separator, coco_captions)
+    options = SourceOptions(
+        data_format, img_key, caption_key, id_key, csv_separator, coco_captions, image_root
+    )
     runner = executors.make(executor, ray_address, gpus_per_task, jobs=jobs)  # before any reading
-    train_pairs, val_pairs = _read_sources(train_data, val_data, val_fraction, split_seed, options)
+    train_pairs, val_pairs = inputs.read_sources(
+        train_data, val_data, val_fraction, split_seed, options
+    )
     if val_pairs is None:
         raise ConfigError("give --val-data, or --val-fraction to split --train-data")
     cfg = BuildConfig(
         model=model,
-        checkpoints=_checkpoints(model, checkpoint, checkpoints_dir, epochs, pretrained),
+        checkpoints=inputs.checkpoints(model, checkpoint, checkpoints_dir, epochs, pretrained),
         pretrained=pretrained if pretrained and not Path(pretrained).exists() else None,
         workers=workers,
         proj_dim=proj_dim,

@@ -20,9 +20,8 @@ wds        WebDataset shards ``{000000..000009}.tar``: per key an image (jpg, pn
            ``txt`` caption, read in shard order
 ========== ======================================================================================
 
-Image paths are relative to the file that lists them. Ids come from an ``id`` column when the
-source has one, else from the image's path without its extension (``images/000123``); a second
-pair with the same image (COCO's other captions, say) gets ``#1``, ``#2``, ... appended.
+Image paths are relative to the file that lists them, or to ``--image-root``; ids come from an
+``id`` column, else from the image paths (``engine.data.naming`` has both rules).
 """
 
 from __future__ import annotations
@@ -40,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from engine.data.images import IMAGE_EXTENSIONS, TAR_SEPARATOR
+from engine.data.naming import coco_split_folders, image_root, readable_ids
 from engine.data.pairs import PairSet
 from engine.errors import DataError
 
@@ -56,6 +56,7 @@ class SourceOptions:
     id_key: str = "id"  # column of the pair id, used when present
     csv_separator: str | None = None  # None = tab, or comma for a .csv without a tab in its header
     coco_captions: str = "first"  # "first": one pair per image; "all": one pair per caption
+    image_root: str | None = None  # folder the listed image paths start from (default: found)
 
     def __post_init__(self) -> None:
         if self.format is not None and self.format not in FORMATS:
@@ -192,7 +193,8 @@ def _pairs_from_rows(
         rec["image"] = PurePosixPath(str(row[img_key]).replace("\\", "/")).as_posix()
         rec["caption"] = _caption(row.get(cap_key))
         records.append(rec)
-    return PairSet(_with_ids(records, options.id_key), listing.parent.resolve())
+    root = image_root(listing, records, options.image_root)
+    return PairSet(readable_ids(records, options.id_key, root), root)
 
 
 def _read_coco(path: Path, options: SourceOptions) -> PairSet:
@@ -208,9 +210,6 @@ def _read_coco(path: Path, options: SourceOptions) -> PairSet:
     captions: dict[Any, list[dict[str, Any]]] = {}
     for ann in doc["annotations"]:
         captions.setdefault(ann["image_id"], []).append(ann)
-    root = path.parent.resolve()
-    # open_clip users keep COCO images under a folder beside the annotations (train2017/);
-    # file_name is relative to the annotation file's folder unless --img-key names a full path.
     records = []
     for img in doc["images"]:
         anns = sorted(captions.get(img["id"], []), key=lambda a: a.get("id", 0))
@@ -224,7 +223,9 @@ def _read_coco(path: Path, options: SourceOptions) -> PairSet:
             records.append(rec)
     if not records:
         raise DataError(f"{path} lists no images")
-    return PairSet(_with_ids(records, options.id_key), root)
+    # as downloaded, the images of annotations/captions_train2017.json are in ../train2017/
+    root = image_root(path, records, options.image_root, coco_split_folders(path))
+    return PairSet(readable_ids(records, options.id_key, root), root)
 
 
 def _read_wds(spec: str) -> PairSet:
@@ -243,7 +244,7 @@ def _read_wds(spec: str) -> PairSet:
         rel = Path(os.path.relpath(shard_path, root)).as_posix()
         for key, members in _wds_samples(shard_path):
             image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
-            rec: dict[str, Any] = {"id": key, "shard": rel}
+            rec: dict[str, Any] = {"key": key, "shard": rel}
             rec["image"] = f"{rel}{TAR_SEPARATOR}{image}" if image else ""
             rec["caption"] = _caption(members.get("txt_text"))
             meta = _json_or_none(members.get("json_text"))
@@ -252,7 +253,9 @@ def _read_wds(spec: str) -> PairSet:
             records.append(rec)
     if not records:
         raise DataError(f"the WebDataset shards {spec!r} hold no samples")
-    return PairSet(_with_ids(records, "id"), root)
+    # ids from the keys (an "id" in a sample's .json wins), by the rule of image paths
+    names = [f"{r['shard']}{TAR_SEPARATOR}{r['key']}" for r in records]
+    return PairSet(readable_ids(records, "id", root, names), root)
 
 
 def _wds_samples(shard: Path) -> Iterator[tuple[str, dict[str, str]]]:
@@ -297,22 +300,6 @@ def _json_or_none(text: str | None) -> Any:
 
 def _caption(value: Any) -> str:
     return "" if value is None else str(value).strip()
-
-
-def _with_ids(records: list[dict[str, Any]], id_key: str) -> list[dict[str, Any]]:
-    """Gives every record a unique string id (see the module docstring)."""
-    seen: dict[str, int] = {}
-    out = []
-    for rec in records:
-        if rec.get(id_key) not in (None, ""):
-            base = str(rec.pop(id_key))
-        else:
-            image = rec.get("image", "").split(TAR_SEPARATOR)[-1]
-            base = str(PurePosixPath(image).with_suffix("")) if image else f"pair-{len(out)}"
-        n = seen.get(base, 0)
-        seen[base] = n + 1
-        out.append({"id": base if n == 0 else f"{base}#{n}", **rec})
-    return out
 
 
 def split_val(pairs: PairSet, fraction: float, seed: int) -> tuple[PairSet, PairSet]:

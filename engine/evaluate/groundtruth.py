@@ -65,3 +65,18 @@ def mislabeled_auc(suspicion: np.ndarray, train: list[dict[str, Any]]) -> float:
     """ROC AUC of a suspicion score (higher = more suspect) for the planted mislabeled pairs."""
     labels = np.array([bool(r.get("mislabeled")) for r in train])
     return roc_auc(np.asarray(suspicion, dtype=np.float64), labels)
+
+
+def has_mislabeled_truth(train: list[dict[str, Any]]) -> bool:
+    """Whether the records carry the planted ``mislabeled`` flag, with both classes present."""
+    flags = [bool(r.get("mislabeled")) for r in train if "mislabeled" in r]
+    return len(flags) == len(train) and 0 < sum(flags) < len(flags)
+
+
+def signal_aurocs(
+    signals: dict[str, np.ndarray], train: list[dict[str, Any]]
+) -> dict[str, float] | None:
+    """ROC AUC of each suspect signal for the planted mislabeled pairs; None without them."""
+    if not has_mislabeled_truth(train):
+        return None
+    return {name: mislabeled_auc(values, train) for name, values in signals.items()}

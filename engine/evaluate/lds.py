@@ -34,6 +34,7 @@ from engine import files
 from engine.errors import EvalError
 from engine.evaluate import common, retrain, stats
 from engine.evaluate.methods import METHODS, method_scores
+from engine.explore.trust import lds_trust
 from engine.models import train
 from engine.run.layout import RunLayout
 from engine.run.manifest import open_manifest
@@ -145,6 +146,7 @@ def evaluate_lds(
         "counts": {"subsets": len(masks), "models": len(jobs), "n_val": outputs.shape[1]},
         "split_half_reliability": reliability,
         "methods": methods,
+        "trust": lds_trust(methods),
         "timings": {
             "models_trained": work["trained"],
             "models_reused": work["reused"],

@@ -200,6 +200,7 @@ def _summary(run: Path, result: QueryResult) -> dict[str, Any]:
         "notes": list(result.notes),
         "k": max(len(result.positive), len(result.negative)),
         "run": str(run.resolve()),
+        "trust": result.trust,
         "trakview_version": __version__,
     }
 

@@ -85,6 +85,12 @@ class QueryEngine(RunData):
             ]
         return ensemble(per_ckpt)[0]
 
+    def warm(self) -> QueryEngine:
+        """Loads the checkpoints, projection and TRAK features now (else: on the first query)."""
+        with self._lock:
+            self._gradient_models()
+        return self
+
     def _gradient_models(self) -> list[dict[str, Any]]:
         """Per checkpoint: margin, gradient computer and TRAK features (once per engine)."""
         if self._loaded is not None:
@@ -249,7 +255,7 @@ class QueryEngine(RunData):
             notes=notes,
         )
         result.timings = {**info["timings"], "search": time.perf_counter() - t0}
-        return result
+        return self.with_trust(result)
 
 
 def _row(grads: dict[str, Any], m: int) -> dict[str, Any]:

@@ -39,6 +39,7 @@ class QueryResult:
     image: str | None = None  # the validation pair's image path, when it is one
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    trust: dict[str, Any] = field(default_factory=dict)  # the run's verdict (engine.explore.trust)
 
     def to_json(self) -> dict[str, Any]:
         """Everything but the full arrays, as plain JSON types."""

@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from engine import files
+from engine.attribution.suspects import suspect_signals
 from engine.data.images import materialize
 from engine.errors import InputError
 from engine.explore.results import Influencer, QueryResult, make_cards, ranked_result
+from engine.explore.trust import Verdict, run_verdict
 from engine.run.layout import RunLayout
 from engine.run.manifest import open_manifest
 
@@ -50,6 +52,14 @@ class RunData:
         path = self.layout.suspect
         return files.load_npy(path) if path.is_file() else None
 
+    def suspect_signals(self) -> dict[str, np.ndarray]:
+        """Every suspected-mislabeled signal of the training pairs (higher = more suspect)."""
+        return suspect_signals(
+            files.load_npy(self.layout.self_influence),
+            files.load_npy(self.layout.clip_sim("train")),
+            files.load_npy(self.layout.caption_rank("train")),
+        )
+
     def image_path(self, rel: str) -> str:
         """A pair's image file (paths are relative to the run directory, or absolute; an image
         inside a WebDataset shard is extracted once into the run's cache)."""
@@ -69,13 +79,26 @@ class RunData:
         """Gallery cards for training rows ``order`` (strongest first), scored by ``values``."""
         return make_cards(self.train, order, values, sign)
 
+    def verdict(self) -> Verdict:
+        """Can this run's attributions be trusted? (Read anew: an evaluation may finish while
+        the run is open.)"""
+        return run_verdict(self.run, self.manifest)
+
+    def with_trust(self, result: QueryResult) -> QueryResult:
+        """``result`` carrying the run's verdict, and a note saying it when it is not reliable."""
+        verdict = self.verdict()
+        result.trust = verdict.to_json()
+        if not verdict.reliable:
+            result.notes.append(f"trust: {verdict.level}: {verdict.reason}")
+        return result
+
     def for_val(self, val_id: str, k: int = 10) -> QueryResult:
         """A validation pair's influencers from the stored scores (nothing is recomputed)."""
         j = self.val_position(val_id)
         rec = self.val[j]
         column = np.asarray(self.scores[:, j], dtype=np.float32)
         similarity = self.train_image_emb @ self.val_image_emb[j]  # (n_train,)
-        return ranked_result(
+        result = ranked_result(
             self.train,
             rec["caption"],
             column,
@@ -86,3 +109,4 @@ class RunData:
             val_id=str(rec["id"]),
             image=rec["image"],
         )
+        return self.with_trust(result)

@@ -120,7 +120,9 @@ def contact_sheet(
         draw.text((MARGIN, y + 4), _fit(text, title_font, title_w), font=title_font, fill=colour)
 
     kicker = f"validation pair {result.val_id}" if result.val_id is not None else "new query"
-    title(0, f"Query ({kicker})", _INK)
+    level = result.trust.get("level", "reliable")
+    trust = "" if level == "reliable" else f"  ·  trust: {level}: {result.trust.get('reason')}"
+    title(0, f"Query ({kicker}){trust}", _INK)
     head = [
         (_fit(kicker, font, text_w), _MUTED),
         (_fit(f"sim {result.clip_similarity:.3f}  margin {result.margin:.3f}", font, text_w), _INK),

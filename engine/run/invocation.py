@@ -33,7 +33,15 @@ else:  # pragma: no cover
 # Flags that are about this invocation, not the run: never read from or written to a file.
 NOT_SETTINGS = ("config", "overwrite", "verbose", "help")
 ALIASES = {"format": "data_format", "csv-img-key": "img_key", "csv-caption-key": "caption_key"}
-PATH_SETTINGS = ("train_data", "val_data", "checkpoint", "checkpoints_dir", "out", "pretrained")
+PATH_SETTINGS = (
+    "train_data",
+    "val_data",
+    "checkpoint",
+    "checkpoints_dir",
+    "out",
+    "pretrained",
+    "image_root",
+)
 
 
 def read_settings(path: Path, names: set[str], command: str) -> dict[str, Any]:

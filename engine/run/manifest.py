@@ -54,6 +54,7 @@ class Manifest:
     executor: dict[str, Any] = field(default_factory=dict)
     units: list[dict[str, Any]] = field(default_factory=list)
     invocation: dict[str, Any] = field(default_factory=dict)
+    health: dict[str, Any] = field(default_factory=dict)  # retrieval per split vs chance
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> dict[str, Any]:

@@ -151,7 +151,7 @@ def test_every_format_gives_the_same_pairs_in_the_same_order(built):
     }
     reference = listed["jsonl"]
     assert len(reference["train"]) + len(reference["val"]) == N_PAIRS - len(BROKEN)
-    assert reference["train"][0] == ("images/00000", reference["train"][0][1].strip())
+    assert reference["train"][0] == ("00000", reference["train"][0][1].strip())
     for fmt in FORMATS:
         assert listed[fmt] == reference, fmt
 
@@ -166,9 +166,9 @@ def test_every_format_gives_identical_scores(built):
 def test_broken_pairs_are_listed_with_their_reasons(built):
     for fmt, run in built.items():
         skipped = {r["id"]: r["reason"] for r in read_jsonl(run / "skipped.jsonl")}
-        assert sorted(skipped) == [f"images/{n:05d}" for n in sorted(BROKEN)], fmt
+        assert sorted(skipped) == [f"{n:05d}" for n in sorted(BROKEN)], fmt
         for n, kind in BROKEN.items():
-            assert skipped[f"images/{n:05d}"].startswith(kind), (fmt, skipped)
+            assert skipped[f"{n:05d}"].startswith(kind), (fmt, skipped)
         manifest = read_json(run / "manifest.json")
         assert sum(manifest["skipped"].values()) == len(BROKEN)
 
@@ -212,6 +212,7 @@ def test_val_fraction_split_is_reproducible_and_exact(dataset):
 
 def test_source_errors_say_what_to_do(tmp_path):
     (tmp_path / "x.csv").write_text("path,text\na.jpg,a cat\n")
+    (tmp_path / "a.jpg").write_bytes(b"")  # only its existence matters before the build
     with pytest.raises(DataError, match="--img-key"):
         sources.read_source(tmp_path / "x.csv")
     pairs = sources.read_source(
@@ -233,7 +234,7 @@ def test_coco_every_caption_as_its_own_pair(dataset):
     first = sources.read_source(spec)
     every = sources.read_source(spec, sources.SourceOptions(coco_captions="all"))
     assert len(first) == N_PAIRS and len(every) == N_PAIRS + 1
-    assert every.ids[:2] == ["images/00000", "images/00000#1"]
+    assert every.ids[:2] == ["00000", "00000#1"]
     assert every.captions[1] == "a second caption, unused"
 
 

@@ -109,7 +109,7 @@ def test_a_fast_jl_run_refuses_new_queries_on_cpu(run_dir, tmp_path):
 def test_checkpoints_in_one_vmap_equal_one_by_one(run_dir):
     """The stacked path (every checkpoint in one vmap) and the loop give the same query."""
     engine = QueryEngine.load(run_dir)
-    engine._gradient_models()
+    engine.warm()
     assert engine.stack is not None  # a tiny model: stacked
     rec = engine.val[3]
     image = open_query_image(run_dir / rec["image"])
