@@ -16,6 +16,7 @@ from engine.build.orchestrate import build
 from engine.data import synthetic
 from engine.data.loading import image_tensors, tokenize
 from engine.data.pairs import PairSet, read_pairs, save_pairs
+from engine.data.sources import read_source
 from engine.models import train
 from engine.models.factory import create
 
@@ -68,6 +69,12 @@ def tensors(pairs):
 
 
 @pytest.fixture(scope="session")
+def small_train() -> train.TrainConfig:
+    """How the session's ensemble is trained."""
+    return SMALL_TRAIN
+
+
+@pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory, tensors) -> list[Path]:
     """A tiny two-member ensemble trained on the small world."""
     folder = tmp_path_factory.mktemp("ensemble")
@@ -115,3 +122,33 @@ def sharded_run(tmp_path_factory, pairs, sharded_config) -> Path:
         return build(*pairs, sharded_config, tmp_path_factory.mktemp("sharded") / "run")
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def untrained_run(tmp_path_factory, pairs):
+    """The small world attributed with two randomly initialised checkpoints."""
+    folder = tmp_path_factory.mktemp("untrained")
+    paths = []
+    for seed in (11, 12):
+        path = folder / f"random-{seed}.pt"
+        torch.save(create("trakview-tiny", seed=seed).model.state_dict(), path)
+        paths.append(str(path))
+    cfg = BuildConfig(checkpoints=paths, topk=5, projector="gaussian")
+    return build(*pairs, cfg, folder / "run")
+
+
+@pytest.fixture(scope="session")
+def absolute_paths_run(tmp_path_factory, pairs, checkpoints) -> Path:
+    """The small world listed as users' CSVs usually are: absolute image paths, no id column."""
+    folder = tmp_path_factory.mktemp("absolute")
+    listings = []
+    for split, split_pairs in zip(("train", "val"), pairs, strict=True):
+        rows = [
+            f"{split_pairs.image_path(i).resolve()}\t{split_pairs.captions[i]}"
+            for i in range(len(split_pairs))
+        ]
+        listing = folder / f"{split}.csv"
+        listing.write_text("filepath\ttitle\n" + "\n".join(rows) + "\n")
+        listings.append(read_source(listing))
+    cfg = BuildConfig(checkpoints=[str(p) for p in checkpoints], topk=5, projector="gaussian")
+    return build(*listings, cfg, folder / "run")

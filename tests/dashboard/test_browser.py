@@ -1,7 +1,7 @@
 """One real browser session: `trakview serve` on the small run, driven by headless Chromium.
 
 Deep link -> influencer images, text search, upload -> influencers, zip download whose
-influencers.csv matches scores.npy.
+influencers.csv matches scores.npy, the trust banner on a run of untrained checkpoints only.
 """
 
 from __future__ import annotations
@@ -43,17 +43,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(run_dir, tmp_path_factory):
+@contextlib.contextmanager
+def serving(run: Path, log: Path):
     """`trakview serve RUN --port N` in its own process group; stopped even if a test fails."""
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
     pytest.importorskip("playwright.sync_api", reason="needs `pip install playwright`")
     port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "serve", str(run_dir), "--port", str(port)],
+            [sys.executable, "-m", "engine.cli", "serve", str(run), "--port", str(port)],
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own group: teardown can stop Streamlit with it
@@ -83,6 +82,12 @@ def server(run_dir, tmp_path_factory):
             proc.wait(timeout=5)
         with contextlib.suppress(ProcessLookupError):  # anything left in the group
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def server(run_dir, tmp_path_factory):
+    with serving(run_dir, tmp_path_factory.mktemp("serve") / "serve.log") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +182,16 @@ def test_upload_gets_influencers(page, server, run_dir, arrays):
     page.get_by_role("heading", name=rec["caption"]).wait_for()
     wait_images(page, '[class*="-pos-card-"] img', 6)
     wait_images(page, '[class*="-neg-card-"] img', 6)
+
+
+def test_trust_banner_only_where_the_model_is_at_chance(page, server, untrained_run, tmp_path):
+    banner = '[data-testid="stAlertContentError"]'
+    page.goto(server)
+    page.wait_for_selector('h1:has-text("Why does the model match this pair?")')
+    page.wait_for_selector('[data-testid="stImage"] img')  # the page has drawn its pair
+    assert page.locator(banner).count() == 0
+    with serving(untrained_run, tmp_path / "serve.log") as url:
+        page.goto(url)
+        alert = page.wait_for_selector(banner)
+        assert "Attributions: no signal." in alert.inner_text()
+        page.screenshot(path=str(tmp_path / "no-signal.png"))

@@ -149,12 +149,13 @@ def test_store_scores_and_model_output_are_the_runs(run_dir, checkpoints, tensor
     )
 
 
-def test_train_config_comes_from_beside_the_checkpoints_then_the_flags(run_dir):
+def test_train_config_comes_from_beside_the_checkpoints_then_the_flags(run_dir, small_train):
     cfg, where = train_config(run_dir, {})
-    assert (cfg.epochs, cfg.batch_size, cfg.warmup_steps) == (4, 60, 4)  # SMALL_TRAIN
+    expected = (small_train.epochs, small_train.batch_size, small_train.warmup_steps)
+    assert (cfg.epochs, cfg.batch_size, cfg.warmup_steps) == expected
     assert "train_config.json" in where
     cfg, where = train_config(run_dir, {"epochs": 7, "lr": None})
-    assert cfg.epochs == 7 and cfg.batch_size == 60 and "--epochs" in where
+    assert cfg.epochs == 7 and cfg.batch_size == small_train.batch_size and "--epochs" in where
 
 
 # --- LDS end to end on the small run --------------------------------------------------------------
@@ -199,7 +200,7 @@ def test_lds_is_reproducible_and_a_longer_evaluation_reuses_the_shorter(
 # --- removal -----------------------------------------------------------------------------------
 
 
-def test_removal_retrains_without_each_targets_top_k(run_copy, tiny_train):
+def test_removal_retrains_without_each_targets_top_k(run_copy, tiny_train, checkpoints, tensors):
     val = read_jsonl(run_copy / "val.jsonl")
     train_ids = [r["id"] for r in read_jsonl(run_copy / "train.jsonl")]
     scores = load_npy(run_copy / "scores.npy")
@@ -220,8 +221,12 @@ def test_removal_retrains_without_each_targets_top_k(run_copy, tiny_train):
     assert meta["seed"] == tiny_train.seed  # the seed of the run's member 0
     assert len(set(entry["removed"]["random"]["5"]["removed_ids"])) == 5
     # the full-data model is the run's trainer with member 0's seed: it reproduces checkpoint 0
+    # (trained on two threads, retrained on one: float sums differ, the model barely)
     full = load_npy(cache / "full-r00.npy")
-    assert np.corrcoef(full, load_npy(run_copy / "val_margin.npy"))[0, 1] > 0.9
+    draws = retrain.target_draws(240, 256, 0, 2)
+    member0 = load_into(create("trakview-tiny").model, checkpoints[0])
+    own = retrain.model_output(member0, *tensors["train"], *tensors["val"], draws)
+    assert np.corrcoef(full, own)[0, 1] > 0.99
     summary = {(r["method"], r["k"]): r for r in result["summary"]}
     assert summary[("trak", 5)]["targets"] == 1 and "this_minus_trak" in summary[("random", 5)]
 

@@ -9,27 +9,10 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
-from engine.attribution.settings import BuildConfig
-from engine.build.orchestrate import build
 from engine.explore.trust import RELIABLE_LIFT, lds_trust, lift, run_verdict, verdict
-from engine.models.factory import create
 from engine.models.retrieval import chance, retrieval_ranks, split_retrieval
 from engine.run.manifest import open_manifest
-
-
-@pytest.fixture(scope="module")
-def untrained_run(tmp_path_factory, pairs):
-    """The small world attributed with two randomly initialised checkpoints."""
-    folder = tmp_path_factory.mktemp("untrained")
-    paths = []
-    for seed in (11, 12):
-        path = folder / f"random-{seed}.pt"
-        torch.save(create("trakview-tiny", seed=seed).model.state_dict(), path)
-        paths.append(str(path))
-    cfg = BuildConfig(checkpoints=paths, topk=5, projector="gaussian")
-    return build(*pairs, cfg, folder / "run")
 
 
 def test_retrieval_ranks_against_a_brute_force_count():
