@@ -10,6 +10,7 @@ mean_m(out_to_loss_m[i]) (TRAK paper, eq. 9 / traker's ``finalize_scores``).
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import os
@@ -68,11 +69,11 @@ class QueryEngine(RunData):
     @functools.cached_property
     def checkpoint_models(self) -> list[torch.nn.Module]:
         """Each checkpoint of the run loaded into the architecture (for embeddings)."""
-        out = []
-        for path in self.manifest.checkpoint_paths(self.run):
-            bundle = create(self.cfg.model, device=self.device, pretrained=self.cfg.pretrained)
-            out.append(load_into(bundle.model, path))
-        return out
+        # copies of one architecture: making each anew would build its tokenizer too (~0.1 s)
+        return [
+            load_into(copy.deepcopy(self.bundle.model), path)
+            for path in self.manifest.checkpoint_paths(self.run)
+        ]
 
     def embed_text(self, text: str) -> np.ndarray:
         """(M*d,) ensemble CLIP text embedding of a free text (unit norm); loads the checkpoints

@@ -82,8 +82,8 @@ def _describe(split: str, retrieval: dict[str, Any]) -> str:
     i2t, t2i = retrieval["image_to_text"], retrieval["text_to_image"]
     sample = "" if retrieval["n"] == retrieval.get("of", retrieval["n"]) else " (a sample)"
     return (
-        f"{split}: {retrieval['n']} pairs{sample}, median rank {i2t['median_rank']:g} / "
-        f"{t2i['median_rank']:g} (image->text / text->image; chance "
+        f"{split}: {retrieval['n']} pairs{sample}, median rank {i2t['median_rank']:.1f} / "
+        f"{t2i['median_rank']:.1f} (image->text / text->image; chance "
         f"{retrieval['chance']['median_rank']:g}), R@1 {i2t['r@1']:.2f} / {t2i['r@1']:.2f} "
         f"(chance {retrieval['chance']['r@1']:.3f}), lift {lift(retrieval):.2f}"
     )
