@@ -57,6 +57,10 @@ class RunMismatchError(RunError):
     """A run directory was started with other settings than the ones given now."""
 
 
+class RunBusyError(RunError):
+    """A run directory that another live process is writing."""
+
+
 class ExecutorError(ConfigError):
     """An executor that cannot be used as asked (Ray missing, flags that do not apply)."""
 

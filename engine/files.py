@@ -36,18 +36,28 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def claim_folder(
-    folder: Path, marker: Path, wanted: dict[str, Any], overwrite: bool
+    folder: Path,
+    marker: Path,
+    wanted: dict[str, Any],
+    overwrite: bool,
+    keep: tuple[Path, ...] = (),
 ) -> dict[str, Any] | None:
     """A folder that records the settings it was made with in ``marker``.
 
     Returns the recorded settings when the folder was made before (the caller compares them
-    with ``wanted``); else, or with ``overwrite``, empties and (re)creates the folder, records
-    ``wanted`` and returns None.
+    with ``wanted``); else, or with ``overwrite``, empties (all but ``keep``) and (re)creates the
+    folder, records ``wanted`` and returns None.
     """
     if marker.is_file() and not overwrite:
         return read_json(marker)
     if overwrite and folder.exists():
-        shutil.rmtree(folder)
+        for entry in folder.iterdir():
+            if entry in keep:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
     folder.mkdir(parents=True, exist_ok=True)
     write_json(marker, wanted)
     return None

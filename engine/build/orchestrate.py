@@ -27,6 +27,7 @@ from engine.models.checkpoints import check_fits, file_sha256, read_state_dict
 from engine.models.factory import create
 from engine.run import invocation as run_invocation
 from engine.run.layout import FORMAT_VERSION, RunLayout
+from engine.run.lock import run_lock
 from engine.run.manifest import CheckpointEntry, Counts, Manifest, write_manifest
 from engine.search.run_indexes import build_run_indexes
 
@@ -38,7 +39,7 @@ def _open_run(
 ) -> None:
     """Creates the run directory, or checks that an existing one was started the same way."""
     wanted = {"format_version": FORMAT_VERSION, "config": asdict(cfg), **identity}
-    have = files.claim_folder(layout.root, layout.config, wanted, overwrite)
+    have = files.claim_folder(layout.root, layout.config, wanted, overwrite, keep=(layout.lock,))
     if have is None:
         return
     diffs = [
@@ -89,8 +90,25 @@ def build(
         strict: fail on an unusable pair (broken image, empty caption) instead of skipping it.
         invocation: the command line's settings (recorded in the manifest and ``run.toml``).
         executor: what runs the units (default: ``executors.LocalExecutor``).
+
+    Raises:
+        RunBusyError: another live process is building or evaluating into ``out``.
     """
     out = Path(out)
+    with run_lock(out):
+        return _build(train, val, cfg, out, overwrite, strict, invocation, executor)
+
+
+def _build(
+    train: PairSet,
+    val: PairSet,
+    cfg: BuildConfig,
+    out: Path,
+    overwrite: bool,
+    strict: bool,
+    invocation: dict[str, Any] | None,
+    executor: executors.Executor | None,
+) -> Path:
     layout = RunLayout(out)
     executor = executor or executors.LocalExecutor()
     # On a cluster the workers compute: the driver needs no GPU of its own.

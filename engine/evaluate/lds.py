@@ -37,6 +37,7 @@ from engine.evaluate.methods import METHODS, method_scores
 from engine.explore.trust import lds_trust
 from engine.models import train
 from engine.run.layout import RunLayout
+from engine.run.lock import run_lock
 from engine.run.manifest import open_manifest
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,19 @@ def evaluate_lds(
     Returns:
         The content of ``RUN/eval/lds.json`` (also written there).
     """
+    open_manifest(run)  # a missing or unfinished run is refused before anything is written
+    with run_lock(run):
+        return _evaluate_lds(run, cfg, train_cfg, device, overwrite, train_source)
+
+
+def _evaluate_lds(
+    run: str | os.PathLike,
+    cfg: LdsConfig,
+    train_cfg: train.TrainConfig,
+    device: str,
+    overwrite: bool,
+    train_source: str,
+) -> dict[str, Any]:
     t0 = time.perf_counter()
     run = Path(run)
     layout = RunLayout(run)

@@ -20,6 +20,7 @@ from engine.evaluate.methods import method_scores
 from engine.evaluate.stats import REFERENCE
 from engine.models import train
 from engine.run.layout import RunLayout
+from engine.run.lock import run_lock
 from engine.run.manifest import open_manifest
 
 
@@ -89,6 +90,19 @@ def evaluate_removal(
     Returns:
         The content of ``RUN/eval/remove.json`` (also written there).
     """
+    open_manifest(run)  # a missing or unfinished run is refused before anything is written
+    with run_lock(run):
+        return _evaluate_removal(run, cfg, train_cfg, device, overwrite, train_source)
+
+
+def _evaluate_removal(
+    run: str | os.PathLike,
+    cfg: RemoveConfig,
+    train_cfg: train.TrainConfig,
+    device: str,
+    overwrite: bool,
+    train_source: str,
+) -> dict[str, Any]:
     t0 = time.perf_counter()
     run = Path(run)
     layout = RunLayout(run)

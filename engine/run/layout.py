@@ -39,6 +39,7 @@ LDS_RESULT = "lds.json"
 REMOVAL_RESULT = "remove.json"
 EVAL_SUBSETS = "subsets.npy"
 EVAL_OUTPUTS = "outputs.npy"
+LOCK = ".lock"
 FILE_NAMES = (
     MANIFEST,
     CONFIG,
@@ -60,6 +61,7 @@ FILE_NAMES = (
     REMOVAL_RESULT,
     EVAL_SUBSETS,
     EVAL_OUTPUTS,
+    LOCK,
     *(f"{s}.jsonl" for s in SPLITS),
     *(f"{s}_{m}_emb.npy" for s in SPLITS for m in MODALITIES),
     *(f"{s}_{kind}.npy" for s in SPLITS for kind in ("clip_sim", "margin", "caption_rank")),
@@ -100,6 +102,11 @@ class RunLayout:
     def pairs(self, split: str) -> Path:
         """``train.jsonl`` / ``val.jsonl``: the usable pairs, in the order of every array."""
         return self.root / f"{split}.jsonl"
+
+    @property
+    def lock(self) -> Path:
+        """Held (``flock``) by the build or evaluation writing the run (``engine.run.lock``)."""
+        return self.root / LOCK
 
     # --- arrays ---------------------------------------------------------------------------------
 
