@@ -9,7 +9,8 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from engine.explore.results import Influencer
+from engine.explore.results import Influencer, QueryResult
+from engine.explore.view import RunView
 
 GREEN, RED, BLUE, GREY = "#1a9850", "#d73027", "#4575b4", "#b0b0b0"
 COLOUR = {"positive": GREEN, "negative": RED, "similar": BLUE}
@@ -36,9 +37,23 @@ def _layout(fig: go.Figure, title: str, x: str, y: str) -> go.Figure:
     return fig
 
 
-def score_histogram(scores: np.ndarray, pos: list[Influencer], neg: list[Influencer]):
-    """Distribution of the target's scores over all training pairs, shown top-k marked."""
-    fig = go.Figure(go.Histogram(x=scores, nbinsx=80, marker_color=GREY, name="all training"))
+def score_histogram(
+    scores: np.ndarray, pos: list[Influencer], neg: list[Influencer], bins: int = 80
+) -> go.Figure:
+    """Distribution of the target's scores over all training pairs, shown top-k marked. The
+    counts are binned here: the browser gets ``bins`` bars, not every training pair's score."""
+    counts, edges = np.histogram(scores, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    fig = go.Figure(
+        go.Bar(
+            x=centres,
+            y=counts,
+            width=edges[1] - edges[0],
+            marker_color=GREY,
+            name="all training",
+            hovertemplate="%{x:.4f}: %{y} pairs<extra></extra>",
+        )
+    )
     for cards, sign in ((pos, "positive"), (neg, "negative")):
         fig.add_trace(
             go.Scatter(
@@ -78,11 +93,14 @@ def influence_maps(
     ids: list[str],
     pos: list[Influencer],
     neg: list[Influencer],
+    sample: np.ndarray,
 ) -> go.Figure:
-    """Two views of all training pairs, one figure (one WebGL canvas, so it redraws faster).
+    """Two views of the training pairs, one figure (one WebGL canvas, so it redraws faster).
 
     Left: TRAK score against CLIP image similarity. Right: the 2-D PCA map of the training
-    images coloured by the target's scores. The shown top-k are highlighted in both.
+    images coloured by the target's scores. Drawn: the rows ``sample`` (a fixed-size sample of
+    the training set, so the figure's size does not grow with it) and the shown top-k,
+    highlighted in both.
     """
     fig = make_subplots(
         rows=1,
@@ -93,7 +111,8 @@ def influence_maps(
     fig.update_annotations(font=dict(size=15, color="#31333f"))
     shown_pos = np.array([c.index for c in pos], dtype=int)
     shown_neg = np.array([c.index for c in neg], dtype=int)
-    rest = np.setdiff1d(np.arange(len(scores)), np.concatenate([shown_pos, shown_neg]))
+    shown = np.concatenate([shown_pos, shown_neg])
+    rest = np.setdiff1d(sample, shown)
     _points(fig, 1, similarity, scores, rest, ids, marker=dict(color=GREY, size=4), name="other")
     for idx, sign in ((shown_pos, "positive"), (shown_neg, "negative")):
         _points(
@@ -107,7 +126,8 @@ def influence_maps(
             name=f"shown: {TITLE[sign].lower()}",
         )
     lim = float(np.abs(scores).max()) or 1.0
-    order = np.argsort(np.abs(scores), kind="stable")  # strongest drawn last, on top
+    drawn = np.union1d(rest, shown)
+    order = drawn[np.argsort(np.abs(scores[drawn]), kind="stable")]  # strongest on top
     _points(
         fig,
         2,
@@ -130,7 +150,7 @@ def influence_maps(
         2,
         coords[:, 0],
         coords[:, 1],
-        np.concatenate([shown_pos, shown_neg]),
+        shown,
         ids,
         marker=dict(size=11, color="rgba(0,0,0,0)", line=dict(width=1.5, color="black")),
         name="shown in galleries",
@@ -145,3 +165,13 @@ def influence_maps(
         legend=dict(orientation="h", y=-0.22),
     )
     return fig
+
+
+def result_figures(run: RunView, result: QueryResult, k: int) -> tuple[go.Figure, go.Figure]:
+    """The two figures of a result with its top ``k`` shown: scores, and the maps."""
+    pos, neg = result.positive[:k], result.negative[:k]
+    histogram = score_histogram(result.scores, pos, neg)
+    maps = influence_maps(
+        result.scores, result.train_similarity, run.pca, run.train_ids, pos, neg, run.map_sample
+    )
+    return histogram, maps

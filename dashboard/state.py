@@ -11,8 +11,10 @@ import os
 import sys
 from pathlib import Path
 
+import plotly.graph_objects as go
 import streamlit as st
 
+from dashboard import plots
 from engine.errors import TrakviewError
 from engine.explore.view import RunView
 from engine.run.layout import RunLayout
@@ -72,3 +74,9 @@ def run_key(run: RunView) -> str:
 def search_val(_run: RunView, key: str, text: str, mode: str) -> list[int]:
     """Validation rows matching a search (``RunView.search_val``), cached per run and query."""
     return _run.search_val(text, mode)
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def val_figures(_run: RunView, key: str, val_id: str, k: int) -> tuple[go.Figure, go.Figure]:
+    """The figures of a validation pair's result, shared by every session that selects it."""
+    return plots.result_figures(_run, _run.for_val(val_id, k), k)

@@ -21,7 +21,7 @@ from dashboard.plots import COLOUR, TITLE
 from engine.explore import export
 from engine.explore.results import Influencer, QueryResult
 from engine.explore.trust import Verdict
-from engine.explore.view import RunView
+from engine.explore.view import PIXELATED_BELOW, RunView
 
 MD_COLOUR = {"positive": "green", "negative": "red", "similar": "blue", "suspect": "orange"}
 HELP = {
@@ -177,11 +177,12 @@ def facts(rec: dict) -> str:
 
 
 def pair_header(
-    image: str | bytes, caption: str, metrics: dict[str, str], rec: dict | None = None
+    image: Image.Image | bytes, caption: str, metrics: dict[str, str], rec: dict | None = None
 ) -> None:
     """The target pair: its image, caption, CLIP numbers and ground-truth facts."""
     left, right = st.columns([1, 4], vertical_alignment="center")
-    with left, st.container(key="photo" if isinstance(image, bytes) else None):
+    photo = isinstance(image, bytes) or max(image.size) >= PIXELATED_BELOW  # smooth scaling
+    with left, st.container(key="photo" if photo else None):
         st.image(image, width=220)
     with right:
         st.markdown(f"### “{caption}”")
@@ -312,7 +313,7 @@ def train_detail(run: RunView, index: int) -> None:
     """A training pair: its image and caption, ground truth, and the validation pairs it moves."""
     rec = run.train[index]
     left, right = st.columns([1, 3])
-    left.image(run.image_path(rec["image"]), width="stretch")
+    left.image(run.image(rec["image"]), width="stretch")
     with right:
         st.markdown(f"### “{rec['caption']}”")
         st.markdown(f"`{rec['id']}` · row {index}")
@@ -343,10 +344,15 @@ def train_detail(run: RunView, index: int) -> None:
 
 
 def influence_view(
-    run: RunView, result: QueryResult, k: int, key: str, query_image: Image.Image | None = None
+    run: RunView,
+    result: QueryResult,
+    k: int,
+    key: str,
+    query_image: Image.Image | None = None,
+    figures: tuple[go.Figure, go.Figure] | None = None,
 ) -> None:
-    """Galleries (helps / hurts / similar), export buttons and the score plots."""
-    ids = [str(r["id"]) for r in run.train]
+    """Galleries (helps / hurts / similar), export buttons and the score plots (``figures``:
+    ``plots.result_figures`` of the result, when the page has them cached)."""
     main, side = st.columns([4, 1], gap="medium")
     pos, neg = result.positive[:k], result.negative[:k]
     with main:
@@ -359,11 +365,11 @@ def influence_view(
     st.divider()
     st.caption("Click a point to open that training pair.")
     left, right = st.columns([1, 2])
+    histogram, maps = figures or plots.result_figures(run, result, k)
     with left:
-        plot(plots.score_histogram(result.scores, pos, neg), f"{key}-hist")
+        plot(histogram, f"{key}-hist")
     with right:
-        fig = plots.influence_maps(result.scores, result.train_similarity, run.pca, ids, pos, neg)
-        clicks.append(plot(fig, f"{key}-maps"))
+        clicks.append(plot(maps, f"{key}-maps"))
     opened = first(clicks)
     if opened is not None:
         train_detail(run, opened)

@@ -38,7 +38,7 @@ k = ui.k_input("ex-k")
 result = run.for_val(val_id, k)
 with header:
     ui.pair_header(
-        run.image_path(rec["image"]),
+        run.image(rec["image"]),
         rec["caption"],
         {
             "Validation pair": (val_id, "Its id; the URL of this page links to it."),
@@ -52,4 +52,5 @@ with header:
         rec,
     )
     eval_view.pair_check(run.run, val_id, j)
-ui.influence_view(run, result, k, "ex")
+figures = state.val_figures(run, state.run_key(run), val_id, k)
+ui.influence_view(run, result, k, "ex", figures=figures)

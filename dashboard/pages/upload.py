@@ -5,10 +5,9 @@ import hashlib
 import streamlit as st
 
 from dashboard import state, ui
-from engine.data.images import open_query_image
+from engine.data.images import MAX_UPLOAD_MB, open_query_image
 from engine.errors import InputError
 
-MAX_UPLOAD_MB = 20
 RESULT_KEY = "upload-result"  # (digest, bytes, PIL image, QueryResult) of the last query
 TYPES = ["png", "jpg", "jpeg", "webp", "bmp", "gif"]
 

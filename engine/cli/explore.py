@@ -11,6 +11,8 @@ import typer
 
 from engine.cli.options import setup_logging
 
+LOCALHOST = "127.0.0.1"
+
 
 def query(
     run: Annotated[Path, typer.Argument(help="A run directory.")],
@@ -89,21 +91,45 @@ def export(
 def serve(
     run: Annotated[Path, typer.Argument(help="A run directory.")],
     port: Annotated[int, typer.Option(help="Port of the dashboard.")] = 8501,
+    host: Annotated[
+        str,
+        typer.Option(
+            help="Address to listen on: 127.0.0.1 (default) serves this machine only; 0.0.0.0 "
+            "(or an interface's address) exposes the run's images to anyone who can reach it."
+        ),
+    ] = LOCALHOST,
+    base_url_path: Annotated[
+        str, typer.Option(help="URL prefix behind a reverse proxy, e.g. trakview.")
+    ] = "",
 ) -> None:
-    """Open the dashboard on a run (Streamlit; Ctrl-C stops it)."""
+    """Open the dashboard on a run (Streamlit; Ctrl-C stops it). It only reads the run."""
     import importlib.util
     import os
     import signal
     import subprocess
 
+    from engine.data.images import MAX_UPLOAD_MB
     from engine.run.manifest import open_manifest
 
     open_manifest(run)
     app_py = Path(importlib.util.find_spec("dashboard").origin).parent / "app.py"
     cmd = [sys.executable, "-m", "streamlit", "run", str(app_py), "--server.port", str(port)]
+    cmd += ["--server.address", host, "--server.baseUrlPath", base_url_path]
     cmd += ["--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    # Streamlit's defaults, stated so that no config file turns them off: XSRF protection on
+    # uploads, and the upload limit of the Upload page.
+    cmd += ["--server.enableXsrfProtection", "true", "--server.maxUploadSize", str(MAX_UPLOAD_MB)]
+    cmd += ["--server.fileWatcherType", "none", "--server.runOnSave", "false"]
     cmd += ["--theme.primaryColor", "#4575b4"]  # red and green mean negative and positive
-    typer.echo(f"dashboard of {run} on http://localhost:{port} (Ctrl-C stops it)")
+    shown = "localhost" if host == LOCALHOST else host
+    url = f"http://{shown}:{port}/{base_url_path.strip('/')}".rstrip("/")
+    if host == LOCALHOST:
+        typer.echo(f"dashboard of {run} on {url}, this machine only (Ctrl-C stops it)")
+    else:
+        typer.echo(
+            f"dashboard of {run} on {url}, EXPOSED on {host}: anyone who can reach this machine "
+            "can browse the run's images and upload files (Ctrl-C stops it)"
+        )
     proc = subprocess.Popen(cmd, env={**os.environ, "TRAKVIEW_RUN": str(Path(run).resolve())})
     # Ctrl-C and SIGTERM go on to Streamlit, so stopping this process never leaves it running.
     stops = (signal.SIGINT, signal.SIGTERM)

@@ -94,6 +94,8 @@ def materialize(ref: str | os.PathLike, cache: Path) -> Path:
     return target
 
 
+# Largest upload the dashboard takes (Streamlit refuses larger files before they arrive).
+MAX_UPLOAD_MB = 20
 # Pixels above which an image is refused (decompression bombs): 40 megapixels.
 MAX_PIXELS = 40_000_000
 

@@ -12,10 +12,11 @@ import os
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from engine import files
 from engine.attribution.suspects import suspect_signals
-from engine.data.images import materialize
+from engine.data.images import materialize, open_image
 from engine.errors import InputError
 from engine.explore.results import Influencer, QueryResult, make_cards, ranked_result
 from engine.explore.trust import Verdict, run_verdict
@@ -60,11 +61,19 @@ class RunData:
             files.load_npy(self.layout.caption_rank("train")),
         )
 
+    def image_ref(self, rel: str) -> str:
+        """A pair's image as ``open_image`` reads it, writing nothing: a path (paths are relative
+        to the run directory, or absolute) or ``SHARD.tar::MEMBER``."""
+        return rel if Path(rel).is_absolute() else str(self.run / rel)
+
+    def image(self, rel: str) -> Image.Image:
+        """A pair's image, decoded in memory (a shard member too), as RGB."""
+        return open_image(self.image_ref(rel))
+
     def image_path(self, rel: str) -> str:
-        """A pair's image file (paths are relative to the run directory, or absolute; an image
-        inside a WebDataset shard is extracted once into the run's cache)."""
-        path = rel if Path(rel).is_absolute() else str(self.run / rel)
-        return str(materialize(path, self.layout.image_cache))
+        """A pair's image as a file, for viewers that need one (the command line): an image
+        inside a WebDataset shard is extracted once into the run's cache."""
+        return str(materialize(self.image_ref(rel), self.layout.image_cache))
 
     def val_position(self, val_id: str) -> int:
         """Row of a validation id, with a clear error for an unknown one."""

@@ -14,6 +14,7 @@ import io
 import numpy as np
 from PIL import Image
 
+from engine.data.images import open_image
 from engine.errors import RunError
 from engine.explore.query import QueryEngine
 from engine.search.faiss_ops import nearest
@@ -21,6 +22,7 @@ from engine.search.run_indexes import load_index
 
 THUMB = 160  # largest side of a card's inline image
 PIXELATED_BELOW = 128  # smaller images are upscaled without smoothing (crisp demo shapes)
+MAP_POINTS = 2000  # training pairs drawn in the plots besides the shown ones
 
 
 class RunView(QueryEngine):
@@ -31,7 +33,7 @@ class RunView(QueryEngine):
 
         Inline images arrive with the card's text in one element: no extra request per card.
         """
-        return thumbnail_tag(self.image_path(rel))
+        return thumbnail_tag(self.image_ref(rel))
 
     @functools.cached_property
     def pca(self) -> np.ndarray:
@@ -41,13 +43,25 @@ class RunView(QueryEngine):
         return (x @ vt[:2].T).astype(np.float32)
 
     @functools.cached_property
+    def train_ids(self) -> list[str]:
+        return [str(r["id"]) for r in self.train]
+
+    @functools.cached_property
+    def map_sample(self) -> np.ndarray:
+        """Sorted rows of at most ``MAP_POINTS`` training pairs, drawn once per run (seeded):
+        the plots' background, the same for every selection and session."""
+        n = len(self.train)
+        if n <= MAP_POINTS:
+            return np.arange(n)
+        return np.sort(np.random.default_rng(0).choice(n, MAP_POINTS, replace=False))
+
+    @functools.cached_property
     def val_mosaic(self) -> Image.Image:
         """A 4x4 mosaic of the first validation images: the exports' picture of the whole set."""
         side = 64
         mosaic = Image.new("RGB", (4 * side, 4 * side), "white")
         for i, rec in enumerate(self.val[:16]):
-            with Image.open(self.image_path(rec["image"])) as img:
-                thumb = img.convert("RGB").resize((side, side))
+            thumb = self.image(rec["image"]).resize((side, side))
             mosaic.paste(thumb, (side * (i % 4), side * (i // 4)))
         return mosaic
 
@@ -102,13 +116,15 @@ class RunView(QueryEngine):
 
 
 @functools.lru_cache(maxsize=8192)
-def thumbnail_tag(path: str) -> str:
-    """An ``<img>`` tag of the image at ``path``, at most THUMB pixels, as a PNG data URI."""
-    with Image.open(path) as img:
-        img = img.convert("RGB")
+def thumbnail_tag(ref: str) -> str:
+    """An ``<img>`` tag of the image ``ref`` (a path or a shard member) at most THUMB pixels,
+    inline as a data URI: lossless PNG for small images (shown upscaled, crisp), JPEG for
+    photos (a tenth of the bytes). Shared by every session of the process."""
+    img = open_image(ref)
     small = max(img.size) < PIXELATED_BELOW  # shown upscaled by the browser, without smoothing
     img.thumbnail((THUMB, THUMB), Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
-    img.save(buffer, format="PNG")
-    uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    kind = "png" if small else "jpeg"
+    img.save(buffer, format=kind.upper(), **({} if small else {"quality": 85}))
+    uri = f"data:image/{kind};base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
     return f'<img class="tv-img{" px" if small else ""}" src="{uri}" alt="">'
