@@ -51,6 +51,15 @@ VAL_KEY = "val_id"  # session key of the selected validation pair (the URL's ?va
 PICKER_PAGE = 12
 
 
+MARKDOWN_SPECIAL = set("\\`*_[]<>$#|~:{}")
+
+
+def plain(text: object) -> str:
+    """``text`` from the data or the user, shown as it is in Streamlit's markdown (no emphasis,
+    links, HTML, math, colour directives or emoji codes)."""
+    return "".join("\\" + ch if ch in MARKDOWN_SPECIAL else ch for ch in str(text))
+
+
 def choose_val(val_id: str) -> None:
     """Callback: select a validation pair (runs before the page, so all of it sees the choice)."""
     st.session_state[VAL_KEY] = val_id
@@ -105,9 +114,9 @@ def val_picker(run: RunView, selected: str) -> None:
             with col:
                 st.markdown(run.thumbnail(rec["image"]), unsafe_allow_html=True)
                 st.button(
-                    str(rec["id"]),
+                    plain(rec["id"]),
                     key=f"pick-{rec['id']}",
-                    help=rec["caption"],
+                    help=plain(rec["caption"]),
                     on_click=choose_val,
                     args=(str(rec["id"]),),
                     type="primary" if str(rec["id"]) == selected else "secondary",
@@ -165,27 +174,27 @@ def facts(rec: dict) -> str:
     """Markdown badges for the demo's ground-truth fields of a pair (empty for real data)."""
     out = []
     if rec.get("mislabeled"):
-        out.append(f":red-badge[mislabeled] true caption: *{rec.get('true_caption', '?')}*")
+        out.append(f":red-badge[mislabeled] true caption: *{plain(rec.get('true_caption', '?'))}*")
     if rec.get("near_duplicate_of"):
-        out.append(f":orange-badge[near duplicate of {rec['near_duplicate_of']}]")
+        out.append(f":orange-badge[near duplicate of {plain(rec['near_duplicate_of'])}]")
     if rec.get("rare"):
         out.append(":violet-badge[rare]")
-    attrs = [f"{k}: {rec[k]}" for k in ("shape", "colour", "size", "position") if rec.get(k)]
+    attrs = [f"{k}: {plain(rec[k])}" for k in ("shape", "colour", "size", "position") if rec.get(k)]
     if attrs:
         out.append(":gray[" + " · ".join(attrs) + "]")
     return "  \n".join(out)
 
 
 def pair_header(
-    image: Image.Image | bytes, caption: str, metrics: dict[str, str], rec: dict | None = None
+    image: Image.Image, caption: str, metrics: dict[str, str], rec: dict | None = None
 ) -> None:
     """The target pair: its image, caption, CLIP numbers and ground-truth facts."""
     left, right = st.columns([1, 4], vertical_alignment="center")
-    photo = isinstance(image, bytes) or max(image.size) >= PIXELATED_BELOW  # smooth scaling
+    photo = max(image.size) >= PIXELATED_BELOW  # scaled smoothly; small ones stay crisp
     with left, st.container(key="photo" if photo else None):
         st.image(image, width=220)
     with right:
-        st.markdown(f"### “{caption}”")
+        st.markdown(f"### “{plain(caption)}”")
         for col, (label, (value, help_)) in zip(
             st.columns(len(metrics)), metrics.items(), strict=True
         ):
@@ -233,7 +242,7 @@ def gallery(
 def _open_button(card: Influencer, key: str) -> bool:
     """The card's id as a button that opens the training pair's detail."""
     return st.button(
-        card.id,
+        plain(card.id),
         key=f"{key}-open-{card.index}",
         help="Open this training pair",
         type="tertiary",
@@ -315,8 +324,8 @@ def train_detail(run: RunView, index: int) -> None:
     left, right = st.columns([1, 3])
     left.image(run.image(rec["image"]), width="stretch")
     with right:
-        st.markdown(f"### “{rec['caption']}”")
-        st.markdown(f"`{rec['id']}` · row {index}")
+        st.markdown(f"### “{plain(rec['caption'])}”")
+        st.markdown(f"{plain(rec['id'])} · row {index}")
         if facts(rec):
             st.markdown(facts(rec))
     row = np.asarray(run.scores[index], dtype=np.float32)  # (n_val,)
@@ -337,7 +346,7 @@ def train_detail(run: RunView, index: int) -> None:
                 )
                 st.page_link(
                     "pages/explore.py",
-                    label=str(val["id"]),
+                    label=plain(val["id"]),
                     icon=":material/arrow_forward:",
                     query_params={"val": val["id"]},
                 )

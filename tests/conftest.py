@@ -152,3 +152,69 @@ def absolute_paths_run(tmp_path_factory, pairs, checkpoints) -> Path:
         listings.append(read_source(listing))
     cfg = BuildConfig(checkpoints=[str(p) for p in checkpoints], topk=5, projector="gaussian")
     return build(*listings, cfg, folder / "run")
+
+
+def _encoded(img, fmt: str, **kw) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    img.save(buffer, format=fmt, **kw)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def hostile_images(pairs) -> dict[str, tuple[bytes, str | None]]:
+    """Image files a user may upload: name -> (bytes, None for a usable image or a phrase of
+    the error it must get)."""
+    import numpy as np
+    from PIL import Image
+
+    base = Image.open(pairs[1].image_path(0)).convert("RGB").resize((96, 80))
+    rng = np.random.default_rng(0)
+    jpeg, png, webp = _encoded(base, "JPEG"), _encoded(base, "PNG"), _encoded(base, "WEBP")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotated 90 degrees
+    frames = [base, base.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+    palette = base.convert("RGBA").quantize(16)
+    palette.info["transparency"] = 0
+    deep = Image.fromarray(np.asarray(base.convert("L"), dtype=np.uint16) * 250)
+    bomb = Image.new("1", (20_000, 20_000))  # 400 megapixels, a few kB of PNG
+    return {
+        "random bytes": (rng.bytes(4096), "is not an image"),
+        "zero bytes": (b"", "is empty"),
+        "truncated jpeg": (jpeg[: len(jpeg) // 2], "truncated"),
+        "truncated png": (png[: len(png) // 2], "truncated"),
+        "truncated webp": (webp[: len(webp) // 2], "not an image"),
+        "animated gif": (_encoded(frames[0], "GIF", save_all=True, append_images=frames[1:]), None),
+        "exif-rotated jpeg": (_encoded(base, "JPEG", exif=exif), None),
+        "16-bit png": (_encoded(deep, "PNG"), None),
+        "cmyk jpeg": (_encoded(base.convert("CMYK"), "JPEG"), None),
+        "palette+alpha png": (_encoded(palette, "PNG"), None),
+        "decompression bomb": (_encoded(bomb, "PNG"), "downscale it first"),
+        "20 MB + 1": (png + b"\0" * (20 * 2**20 + 1 - len(png)), "the limit is 20 MB"),
+    }
+
+
+# Captions a user may type: (text, None for a usable one or a phrase of the error it must get).
+HOSTILE_CAPTIONS = {
+    "empty": ("", "caption is empty"),
+    "whitespace": (" \t\n  ", "caption is empty"),
+    "10 kB": ("a red circle " * 800, None),
+    "control characters": ("a red\x00 circle\x1b[31m on the\x07 left", None),
+    "mixed scripts and emoji": ("un cercle rouge 赤い円 красный круг 🔴🟥", None),
+    "markdown and html": ("**bold** [x](javascript:alert(1)) <script>alert(1)</script> $x$", None),
+}
+
+
+@pytest.fixture(scope="session")
+def hostile_captions() -> dict[str, tuple[str, str | None]]:
+    return HOSTILE_CAPTIONS
+
+
+# Validation ids a URL may carry: none of them is in a run.
+HOSTILE_IDS = ("../../etc/passwd", "'\"><script>alert(1)</script>", "a`b*c_d[e](f)", "%00\u202e")
+
+
+@pytest.fixture(scope="session")
+def hostile_ids() -> tuple[str, ...]:
+    return HOSTILE_IDS

@@ -17,7 +17,9 @@ if wanted is not None and wanted != st.session_state.get(ui.VAL_KEY):
     if wanted in run.val_index:
         st.session_state[ui.VAL_KEY] = wanted
     else:
-        st.warning(f"No validation pair with id `{wanted}` in this run; pick one on the left.")
+        st.warning(
+            f"No validation pair with id {ui.plain(wanted)} in this run; pick one on the left."
+        )
 st.session_state.setdefault(ui.VAL_KEY, ids[0])
 val_id = st.session_state[ui.VAL_KEY]
 st.query_params["val"] = val_id

@@ -8,7 +8,8 @@ from dashboard import state, ui
 from engine.data.images import MAX_UPLOAD_MB, open_query_image
 from engine.errors import InputError
 
-RESULT_KEY = "upload-result"  # (digest, bytes, PIL image, QueryResult) of the last query
+RESULT_KEY = "upload-result"  # (digest, PIL image, QueryResult) of the last query
+KEEP_SIDE = 1024  # largest side of the uploaded image a session keeps (display, exports)
 TYPES = ["png", "jpg", "jpeg", "webp", "bmp", "gif"]
 
 run = state.open_run()
@@ -39,19 +40,21 @@ if submitted:
             image = open_query_image(raw)
             with st.spinner("Computing TRAK scores for this pair…"):
                 result = run.query(image, caption, k=50)
-            st.session_state[RESULT_KEY] = (hashlib.sha256(raw).hexdigest(), raw, image, result)
+            # kept per session: the result and an image of display size, not the upload
+            image.thumbnail((KEEP_SIDE, KEEP_SIDE))
+            st.session_state[RESULT_KEY] = (hashlib.sha256(raw).hexdigest(), image, result)
         except InputError as err:
             problem = str(err)
     if problem:
-        st.error(problem)
+        st.error(ui.plain(problem))
         st.session_state.pop(RESULT_KEY, None)
 
 if RESULT_KEY in st.session_state:
-    digest, raw, image, result = st.session_state[RESULT_KEY]
+    digest, image, result = st.session_state[RESULT_KEY]
     for note in result.notes:
-        st.info(note)
+        st.info(ui.plain(note))
     ui.pair_header(
-        raw,
+        image,  # decoded: the browser may not show the file itself (16-bit, CMYK)
         result.caption,
         {
             "CLIP similarity": (ui.fmt(result.clip_similarity), "Cosine of image and caption."),

@@ -13,7 +13,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from engine import files
 from engine.errors import ImageProblem, InputError
@@ -105,30 +105,47 @@ def open_query_image(
 ) -> Image.Image:
     """Opens a user's image (a path or the bytes of a file) as RGB, checking it first.
 
+    The pixel count is checked from the header, before anything is decoded (a decompression
+    bomb costs nothing); the image is turned upright by its EXIF orientation; an animated image
+    gives its first frame; 16-bit, CMYK and palette images are converted as ``open_image`` does.
+
     Raises:
-        InputError: missing or unreadable file, not an image, or more than ``max_pixels`` pixels.
+        InputError: missing, empty or unreadable file, a truncated or corrupt image, or more
+            than ``max_pixels`` pixels; the message says which.
     """
     name = "the uploaded file" if isinstance(source, bytes) else str(source)
     if not isinstance(source, bytes) and not Path(source).is_file():
         raise InputError(f"image {name} does not exist or is not a file")
     try:
-        handle = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
+        raw = source if isinstance(source, bytes) else Path(source).read_bytes()
     except OSError as err:
         raise InputError(f"cannot read image {name}: {err.strerror}") from err
-    with handle:
-        try:
-            with Image.open(handle) as img:
-                width, height = img.size
-                if width * height > max_pixels:
-                    raise InputError(
-                        f"image {name} has {width}x{height} = {width * height:,} pixels, more than "
-                        f"the limit of {max_pixels:,}; downscale it first"
-                    )
-                return img.convert("RGB")
-        except InputError:
-            raise
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-            raise InputError(
-                f"{name} is not an image PIL can read ({type(err).__name__}: {err}); "
-                "expected a PNG, JPEG, WebP, ... file"
-            ) from err
+    if not raw:
+        raise InputError(f"{name} is empty (0 bytes); expected a PNG, JPEG, WebP, ... file")
+    try:
+        with Image.open(io.BytesIO(raw)) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise InputError(
+                    f"image {name} has {width}x{height} = {width * height:,} pixels, more than "
+                    f"the limit of {max_pixels:,}; downscale it first"
+                )
+            img.load()
+            return _to_rgb(ImageOps.exif_transpose(img))
+    except InputError:
+        raise
+    except Image.DecompressionBombError as err:  # PIL refuses it from the header, as we do
+        raise InputError(
+            f"image {name} has too many pixels to decode safely ({err}); downscale it first"
+        ) from err
+    except (OSError, SyntaxError, ValueError) as err:
+        text = str(err)
+        what = (
+            "is truncated (the end of the file is missing)"
+            if "truncated" in text
+            else "is not an image PIL can read"
+        )
+        raise InputError(
+            f"{name} {what} ({type(err).__name__}: {text}); expected a complete PNG, JPEG, "
+            "WebP, ... file"
+        ) from err

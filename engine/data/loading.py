@@ -7,6 +7,7 @@ images and tokens, and ``check_images`` finds the broken ones first.
 from __future__ import annotations
 
 import os
+import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -174,6 +175,29 @@ def tokenize(
     return tokenizer(list(captions))
 
 
+MAX_CAPTION_CHARS = 2000  # a caption is cut here before tokenizing (the model reads ~77 tokens)
+
+
+def clean_caption(caption: str) -> tuple[str, list[str]]:
+    """A user's caption ready to tokenize, and notes on what was changed: control characters
+    become spaces, whitespace is collapsed, a very long caption is cut.
+
+    Raises:
+        InputError: a caption with nothing left to read.
+    """
+    notes = []
+    text = "".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in str(caption))
+    if text != caption and text.strip() != str(caption).strip():
+        notes.append("control characters in the caption were replaced by spaces")
+    text = " ".join(text.split())
+    if not text:
+        raise InputError("the caption is empty; give the text the image should match")
+    if len(text) > MAX_CAPTION_CHARS:
+        notes.append(f"caption cut to its first {MAX_CAPTION_CHARS} of {len(text)} characters")
+        text = text[:MAX_CAPTION_CHARS]
+    return text, notes
+
+
 def check_caption(
     caption: str, tokenizer: Callable[..., torch.Tensor], context_length: int
 ) -> list[str]:
@@ -182,12 +206,10 @@ def check_caption(
     Raises:
         InputError: an empty caption.
     """
-    if not caption or not caption.strip():
-        raise InputError("the caption is empty; give the text the image should match")
-    notes = []
+    text, notes = clean_caption(caption)
     encode = getattr(tokenizer, "encode", None)
     if encode is not None:
-        n_tokens = len(encode(caption.strip())) + 2  # start and end tokens
+        n_tokens = len(encode(text)) + 2  # start and end tokens
         if n_tokens > context_length:
             notes.append(f"caption truncated: {n_tokens} tokens, the model reads {context_length}")
     return notes

@@ -33,8 +33,8 @@ from engine.attribution.gradients import (
 from engine.attribution.margin import ClipMargin, SimulatedBatch
 from engine.attribution.projection import projector_for
 from engine.data.images import open_query_image
-from engine.data.loading import check_caption, tokenize
-from engine.errors import DeviceError
+from engine.data.loading import check_caption, clean_caption, tokenize
+from engine.errors import DeviceError, InputError
 from engine.explore.results import QueryResult, ranked_result
 from engine.explore.run_data import RunData
 from engine.models.checkpoints import load_into
@@ -78,8 +78,9 @@ class QueryEngine(RunData):
     def embed_text(self, text: str) -> np.ndarray:
         """(M*d,) ensemble CLIP text embedding of a free text (unit norm); loads the checkpoints
         only, not the TRAK features."""
+        text, _ = clean_caption(text)
         with self._lock:
-            tokens = tokenize(self.bundle.tokenizer, [text.strip()])
+            tokens = tokenize(self.bundle.tokenizer, [text])
             per_ckpt = [
                 encode(model, None, tokens, device=self.device)[1].numpy()
                 for model in self.checkpoint_models
@@ -235,11 +236,16 @@ class QueryEngine(RunData):
             caption: the caption the image should match (truncated to the model's context).
             k: influencers per sign.
         """
+        if k < 1:
+            raise InputError(f"k must be at least 1, got {k}")
+        caption, cleaned = clean_caption(caption)
         if not isinstance(image, Image.Image):
             image = open_query_image(image)
         with self._lock:
             loaded = self._gradient_models()
-            notes = check_caption(caption, self.bundle.tokenizer, self.bundle.context_length)
+            notes = cleaned + check_caption(
+                caption, self.bundle.tokenizer, self.bundle.context_length
+            )
             grads, img_emb, info = self.target_gradients(image, caption)
         t0 = time.perf_counter()
         column = sum(item["features"] @ grads[m] for m, item in enumerate(loaded))
@@ -247,7 +253,7 @@ class QueryEngine(RunData):
         similarity = self.train_image_emb @ img_emb  # (n_train,)
         result = ranked_result(
             self.train,
-            caption.strip(),
+            caption,
             column,
             similarity,
             info["clip_similarity"],

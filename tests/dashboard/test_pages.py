@@ -151,7 +151,7 @@ def test_upload_runs_a_query(run_dir, monkeypatch, arrays):
     assert not at.exception and not at.error
     assert header(at) == f"### “{rec['caption']}”"
     k = at.slider(key="up-k").value
-    result = at.session_state["upload-result"][3]
+    result = at.session_state["upload-result"][2]
     # the page shows the query's own top-k, and they are the argsort of its full score column
     pos = [b.label for b in at.button if b.key and b.key.startswith("up-") and "-pos-open" in b.key]
     assert pos == top(result.scores, k, arrays["train"])
