@@ -18,4 +18,5 @@ page = st.navigation(
 )
 run = state.run_dir()
 st.sidebar.caption(f"run `{run}`" if run else "no run")
-page.run()
+with state.timed(page.title):
+    page.run()

@@ -7,8 +7,12 @@ stale. Search results and the figures of a validation pair are cached with ``st.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import plotly.graph_objects as go
@@ -20,6 +24,7 @@ from engine.explore.view import RunView
 from engine.run.layout import RunLayout
 
 RUN_ENV = "TRAKVIEW_RUN"
+TIMINGS_ENV = "TRAKVIEW_TIMINGS"  # a file: each page run appends its seconds (bench_serve)
 
 
 def run_dir(argv: list[str] | None = None) -> Path | None:
@@ -32,6 +37,28 @@ def run_dir(argv: list[str] | None = None) -> Path | None:
             return Path(arg.split("=", 1)[1])
     env = os.environ.get(RUN_ENV)
     return Path(env) if env else None
+
+
+@contextlib.contextmanager
+def timed(page: str) -> Iterator[None]:
+    """Records how long this page run took (wall and its thread's CPU seconds) in the file
+    ``$TRAKVIEW_TIMINGS`` names, when it names one: what ``bench/bench_serve.py`` reads."""
+    path = os.environ.get(TIMINGS_ENV)
+    if not path:
+        yield
+        return
+    wall, cpu = time.perf_counter(), time.thread_time()
+    try:
+        yield
+    finally:
+        line = {
+            "page": page,
+            "query": st.query_params.to_dict(),
+            "seconds": time.perf_counter() - wall,
+            "cpu_seconds": time.thread_time() - cpu,
+        }
+        with open(path, "a", encoding="utf-8") as fh:  # one short line: appends do not interleave
+            fh.write(json.dumps(line) + "\n")
 
 
 def _stamp(path: Path) -> str:
@@ -76,7 +103,8 @@ def search_val(_run: RunView, key: str, text: str, mode: str) -> list[int]:
     return _run.search_val(text, mode)
 
 
-@st.cache_data(max_entries=256, show_spinner=False)
+@st.cache_resource(max_entries=256, show_spinner=False)
 def val_figures(_run: RunView, key: str, val_id: str, k: int) -> tuple[go.Figure, go.Figure]:
-    """The figures of a validation pair's result, shared by every session that selects it."""
+    """The figures of a validation pair's result, shared by every session that selects it (a
+    shared object, not a copy: unpickling a plotly figure validates it again, ~25 ms)."""
     return plots.result_figures(_run, _run.for_val(val_id, k), k)

@@ -108,20 +108,20 @@ def val_picker(run: RunView, selected: str) -> None:
         st.number_input(f"Page (of {n_pages}; {len(rows)} pairs)", 1, n_pages, 1, key="picker-page")
     )
     shown = rows[(page - 1) * PICKER_PAGE : page * PICKER_PAGE]
-    for start in range(0, len(shown), 3):
-        for col, j in zip(st.columns(3), shown[start : start + 3], strict=False):
-            rec = run.val[j]
-            with col:
-                st.markdown(run.thumbnail(rec["image"]), unsafe_allow_html=True)
-                st.button(
-                    plain(rec["id"]),
-                    key=f"pick-{rec['id']}",
-                    help=plain(rec["caption"]),
-                    on_click=choose_val,
-                    args=(str(rec["id"]),),
-                    type="primary" if str(rec["id"]) == selected else "secondary",
-                    width="stretch",
-                )
+    cols = st.columns(3)  # one row of columns filled in turn: fewer elements than a row each
+    for n, j in enumerate(shown):
+        rec = run.val[j]
+        with cols[n % 3]:
+            st.markdown(run.thumbnail(rec["image"]), unsafe_allow_html=True)
+            st.button(
+                plain(rec["id"]),
+                key=f"pick-{rec['id']}",
+                help=plain(rec["caption"]),
+                on_click=choose_val,
+                args=(str(rec["id"]),),
+                type="primary" if str(rec["id"]) == selected else "secondary",
+                width="stretch",
+            )
 
 
 def trust_banner(verdict: Verdict, always: bool = False) -> None:
@@ -222,9 +222,9 @@ def gallery(
     st.markdown(f"#### :{MD_COLOUR[sign]}[{TITLE[sign]}]", help=HELP.get(sign))
     opened = None
     for start in range(0, len(cards), n_cols):
-        cols = st.columns(n_cols)
+        cols = st.columns(n_cols, border=True, gap="small")  # a bordered column is a card
         for col, card in zip(cols, cards[start : start + n_cols], strict=False):
-            with col.container(border=True, key=f"{key}-card-{card.index}", gap="small"):
+            with col:
                 note = f"\n\n{notes[card.index]}" if notes and notes.get(card.index) else ""
                 st.markdown(
                     f"{run.thumbnail(card.image)}\n\n"

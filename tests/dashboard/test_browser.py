@@ -124,9 +124,9 @@ def test_deep_link_shows_the_influencers(page, server, arrays):
     page.goto(f"{server}/?val={val['id']}")
     page.get_by_text(val["caption"], exact=False).first.wait_for()
     order = np.argsort(-arrays["scores"][:, j], kind="stable")[:6]
-    for i in order:
-        wait_images(page, f".st-key-ex-pos-card-{i} img", 1)
-    wait_images(page, '[class*="st-key-ex-neg-card-"] img', 6)
+    for i in order:  # a card: the bordered column holding the training pair's open button
+        wait_images(page, f'[data-testid="stColumn"]:has(.st-key-ex-pos-open-{i}) img', 1)
+    wait_images(page, '[data-testid="stColumn"]:has([class*="st-key-ex-neg-open-"]) img', 6)
     assert f"val={val['id']}" in page.url
 
 
@@ -139,7 +139,10 @@ def test_search_by_text_then_select(page, server, arrays):
     expected = [str(r["id"]) for r in arrays["val"] if "square" in r["caption"].lower()][:12]
     page.wait_for_function(
         """ids => {
-            const shown = [...document.querySelectorAll('[class*="st-key-pick-"] button')];
+            const at = b => b.getBoundingClientRect();  // reading order: rows, then columns
+            const shown = [...document.querySelectorAll('[class*="st-key-pick-"] button')]
+                .filter(b => at(b).width > 0);
+            shown.sort((a, b) => Math.round(at(a).top - at(b).top) || at(a).left - at(b).left);
             return [...new Set(shown.map(b => b.innerText.trim()))].join() === ids.join();
         }""",
         arg=expected,
@@ -180,8 +183,8 @@ def test_upload_gets_influencers(page, server, run_dir, arrays):
     page.get_by_label("Caption", exact=True).fill(rec["caption"])
     page.get_by_role("button", name="Find influencers").click()
     page.get_by_role("heading", name=rec["caption"]).wait_for()
-    wait_images(page, '[class*="-pos-card-"] img', 6)
-    wait_images(page, '[class*="-neg-card-"] img', 6)
+    wait_images(page, '[data-testid="stColumn"]:has([class*="-pos-open-"]) img', 6)
+    wait_images(page, '[data-testid="stColumn"]:has([class*="-neg-open-"]) img', 6)
 
 
 def test_trust_banner_only_where_the_model_is_at_chance(page, server, untrained_run, tmp_path):
