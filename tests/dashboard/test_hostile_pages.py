@@ -76,6 +76,19 @@ def test_hostile_ids_in_the_url(run_dir, monkeypatch, hostile_ids):
     assert _tree(run_dir) == before
 
 
+def test_hostile_search_text(run_dir, monkeypatch, hostile_captions):
+    before = _tree(run_dir)
+    monkeypatch.setenv(state.RUN_ENV, str(run_dir))
+    at = AppTest.from_file(str(APP), default_timeout=60).run()
+    for mode in ("words", "meaning"):
+        at.radio(key="picker-mode").set_value(mode)
+        for text, _ in hostile_captions.values():
+            at.text_input(key="picker-text").input(text).run()
+            assert not at.exception, (mode, text[:40], at.exception)
+            assert not at.error, (mode, text[:40])
+    assert _tree(run_dir) == before
+
+
 def test_plain_text_survives_markdown():
     assert ui.plain("**b** [x](y) <i> $m$ :red[c] `t`") == (
         "\\*\\*b\\*\\* \\[x\\](y) \\<i\\> \\$m\\$ \\:red\\[c\\] \\`t\\`"
