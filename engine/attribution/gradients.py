@@ -165,6 +165,35 @@ class SelectiveGradientComputer(AbstractGradientComputer):
             return {"dense": grads, "token": None, "ids": text}
         return {"dense": grads[0], "token": grads[1], "ids": text}
 
+    def checkpoint_grads(
+        self,
+        params: dict[str, Tensor],
+        buffers: dict[str, Tensor],
+        image: Tensor,
+        text: Tensor,
+        sim_image: Tensor,
+        sim_text: Tensor,
+    ) -> dict[str, Any]:
+        """One pair's margin gradient at M checkpoints whose weights ``params`` and ``buffers``
+        are stacked along a first dimension (``CheckpointStack``); shapes as there."""
+        n_models = sim_image.shape[0]
+        dense = {n: params[n] for n in self.dense_names}
+        rest = {n: p for n, p in params.items() if n not in dense}
+        offset = None
+        if self.token_name is not None:
+            width = params[self.token_name].shape[-1]
+            offset = torch.zeros(n_models, text.shape[0], width, device=text.device)
+        grad_fn = torch.func.grad(self.output_with, argnums=(0, 1) if offset is not None else 0)
+        in_dims = (0, 0 if offset is not None else None, 0, 0, None, None, 0, 0)
+        with self.token_offset_hook(), sdpa_kernel(SDPBackend.MATH):
+            grads = torch.func.vmap(grad_fn, in_dims=in_dims)(
+                dense, offset, rest, buffers, image, text, sim_image, sim_text
+            )
+        ids = text.unsqueeze(0).expand(n_models, -1)
+        if offset is None:
+            return {"dense": grads, "token": None, "ids": ids}
+        return {"dense": grads[0], "token": grads[1], "ids": ids}
+
     def compute_loss_grad(self, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:  # type: ignore[override]
         return self.modelout_fn.get_out_to_loss_grad(
             self.model, self.params, self.buffers, self._on_device(batch)
@@ -209,23 +238,9 @@ class CheckpointStack:
             as its batch: ``{"dense": {name: (M, *shape)}, "token": (M, L, width) or None,
             "ids": (M, L)}``.
         """
-        c = self.computer
-        dense = {n: self.params[n] for n in c.dense_names}
-        rest = {n: p for n, p in self.params.items() if n not in dense}
-        offset = None
-        if c.token_name is not None:
-            width = self.params[c.token_name].shape[-1]
-            offset = torch.zeros(self.n_models, text.shape[0], width, device=text.device)
-        grad_fn = torch.func.grad(c.output_with, argnums=(0, 1) if offset is not None else 0)
-        in_dims = (0, 0 if offset is not None else None, 0, 0, None, None, 0, 0)
-        with c.token_offset_hook(), sdpa_kernel(SDPBackend.MATH):
-            grads = torch.func.vmap(grad_fn, in_dims=in_dims)(
-                dense, offset, rest, self.buffers, image, text, sim_image, sim_text
-            )
-        ids = text.unsqueeze(0).expand(self.n_models, -1)
-        if offset is None:
-            return {"dense": grads, "token": None, "ids": ids}
-        return {"dense": grads[0], "token": grads[1], "ids": ids}
+        return self.computer.checkpoint_grads(
+            self.params, self.buffers, image, text, sim_image, sim_text
+        )
 
     @torch.no_grad()
     def embeddings(self, image: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:

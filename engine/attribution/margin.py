@@ -99,13 +99,30 @@ class ClipMargin(AbstractModelOutput):
             text: (context_length,) token ids.
             sim_image, sim_text: (S, d) embeddings of the pair's simulated batch.
         """
-        img, txt, _ = torch.func.functional_call(
+        return self.margin_and_embeddings(
+            model, weights, buffers, image, text, sim_image, sim_text
+        )[0]
+
+    def margin_and_embeddings(
+        self,
+        model: torch.nn.Module,
+        weights: dict[str, Tensor],
+        buffers: dict[str, Tensor],
+        image: Tensor,
+        text: Tensor,
+        sim_image: Tensor,
+        sim_text: Tensor,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+        """``get_output``'s margin, and the forward pass's (d,) unit image and text embeddings
+        and logit scale (from which ``out_to_loss`` needs no second forward pass)."""
+        img, txt, scale = torch.func.functional_call(
             model, (weights, buffers), args=(image.unsqueeze(0), text.unsqueeze(0))
         )[:3]  # (1, d) each; SigLIP-style models return a logit bias too
         s_ii = (img * txt).sum()
         s_ij = (img @ sim_text.T).squeeze(0)  # (S,) this image against the batch's captions
         s_ji = (txt @ sim_image.T).squeeze(0)  # (S,) this caption against the batch's images
-        return -torch.logsumexp(s_ij - s_ii, dim=0) - torch.logsumexp(s_ji - s_ii, dim=0)
+        margin = -torch.logsumexp(s_ij - s_ii, dim=0) - torch.logsumexp(s_ji - s_ii, dim=0)
+        return margin, (img[0], txt[0], scale)
 
     def get_out_to_loss_grad(  # type: ignore[override]
         self,
@@ -121,10 +138,17 @@ class ClipMargin(AbstractModelOutput):
         image, text, sim_idx = batch
         with torch.no_grad():
             out = torch.func.functional_call(model, (weights, buffers), args=(image, text))
-            img, txt, scale = out[0], out[1], out[2]  # (B, d), (B, d), ()
-            sim_image, sim_text = self.batch_embeddings(sim_idx)  # (B, S, d)
-            s_ii = (img * txt).sum(-1, keepdim=True)  # (B, 1)
-            row = torch.cat([s_ii, torch.einsum("bd,bsd->bs", img, sim_text)], 1) * scale
-            col = torch.cat([s_ii, torch.einsum("bd,bsd->bs", txt, sim_image)], 1) * scale
-            p = (row.softmax(1)[:, 0] + col.softmax(1)[:, 0]) / 2
+            return self.out_to_loss(out[0], out[1], out[2], sim_idx)
+
+    @torch.no_grad()
+    def out_to_loss(self, img: Tensor, txt: Tensor, scale: Tensor, sim_idx: Tensor) -> Tensor:
+        """1 - p_i, (B, 1), from the pairs' (B, d) unit embeddings, their logit scale (a scalar
+        or one per pair, (B,)) and simulated batches ``sim_idx`` (B, S)."""
+        img, txt = img.float(), txt.float()
+        scale = scale.float().reshape(-1, 1) if scale.dim() else scale.float()
+        sim_image, sim_text = self.batch_embeddings(sim_idx)  # (B, S, d)
+        s_ii = (img * txt).sum(-1, keepdim=True)  # (B, 1)
+        row = torch.cat([s_ii, torch.einsum("bd,bsd->bs", img, sim_text)], 1) * scale
+        col = torch.cat([s_ii, torch.einsum("bd,bsd->bs", txt, sim_image)], 1) * scale
+        p = (row.softmax(1)[:, 0] + col.softmax(1)[:, 0]) / 2
         return (1 - p).unsqueeze(1)

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from trak.projectors import AbstractProjector, ProjectionType
 
+from engine.attribution.factored import block_key, factored_layout, is_factored
 from engine.attribution.gradients import TOKEN_EMBEDDING_SUFFIX
 from engine.attribution.settings import BuildConfig
 
@@ -229,9 +230,15 @@ def cuda_dense_projector(
 def projector_for(model: torch.nn.Module, cfg: BuildConfig, names: list[str]) -> KeyedProjector:
     """The run's projection of the gradients of parameters ``names`` (the build and every later
     query must use the same one): on CUDA with ``fast_jl`` installed, traker's CudaProjector for
-    the dense parameters."""
+    the dense parameters. With ``--projector factored`` its dense "parameters" are the factored
+    weights' (k_r, k_c) blocks and the other attributed parameters, count-sketched together."""
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if n in names}
     token = next((n for n in names if n.endswith(TOKEN_EMBEDDING_SUFFIX)), None)
+    if is_factored(cfg):
+        blocks = factored_layout(model, names, cfg.proj_dim)
+        shapes = {n: s for n, s in shapes.items() if n not in blocks}
+        shapes.update({block_key(n): (b.k_rows, b.k_cols) for n, b in blocks.items()})
+        token = None if token in blocks else token
     dense_dim = sum(math.prod(s) for n, s in shapes.items() if n != token)
     return KeyedProjector(
         shapes,
@@ -240,7 +247,7 @@ def projector_for(model: torch.nn.Module, cfg: BuildConfig, names: list[str]) ->
         seed=cfg.seed,
         device=cfg.device,
         matmul_dtype=torch.bfloat16 if cfg.projector == "gaussian-bf16" else torch.float32,
-        sketch_dim=4 * cfg.proj_dim if cfg.projector == "sketch" else 0,
+        sketch_dim=4 * cfg.proj_dim if cfg.projector == "sketch" or is_factored(cfg) else 0,
         dense_projector=(
             cuda_dense_projector(dense_dim, cfg.proj_dim, cfg.seed, cfg.device)
             if cfg.projector == "gaussian"

@@ -21,6 +21,9 @@ PROJECTORS = {
     "gaussian": "dense Gaussian JL matrix, float32 (traker's CudaProjector on CUDA with fast_jl)",
     "gaussian-bf16": "the same matrix, multiplied in bfloat16 (about 2x faster on CPUs with BF16)",
     "sketch": "count sketch to 4 x proj_dim buckets, then a Gaussian: O(D) per pair (default)",
+    "factored": "LoGra: Kronecker projections of the linear layers' gradients from one pass, "
+    "never the per-sample gradient, then sketched with the rest (large models)",
+    "factored-bf16": "factored, its forward and backward pass in bfloat16 (autocast)",
 }
 
 
@@ -42,17 +45,30 @@ class BuildConfig:
     device: str = "cpu"  # "cpu" or "cuda"
     half: bool = False  # float16 TRAK features (CUDA only: on CPU it ruins the scores)
     projector: str = "auto"  # JL projection of the dense parameters' gradients, see PROJECTORS
-    topk: int = 50  # influencers stored per validation pair and sign
+    topk: int = 100  # influencers stored per validation pair and sign (with their scores)
+    scores: str = "auto"  # the scores kept: dense, topk or auto (see SCORE_FORMS)
     pretrained: str | None = None  # open_clip pretrained tag: its preprocessing and activation
     workers: int = -1  # DataLoader workers reading images; -1 = 0 below 1000 images, else <= 4
     shard_size: int = 0  # pairs per unit of work (embed, featurize, targets); 0 = 20,000
+
+
+# What a run keeps of its (n_train, n_val) scores; both keep the top-k of every validation
+# pair, the histograms and the per-training-pair totals, and recompute any column exactly.
+SCORE_FORMS = {
+    "dense": "scores.npy, every score: n_train x n_val x 4 bytes",
+    "topk": "no scores.npy: memory and disk linear in n_train + n_val",
+}
+# auto: dense up to this many scores (a 1 GiB scores.npy: 30,000 x 8,900), top-k past it
+DENSE_MAX_SCORES = 2**28
 
 
 # Settings that do not change a run's results: a resume may change them.
 NOT_IDENTITY = ("workers", "checkpoints")  # checkpoints are compared by content hash instead
 
 
-def resolve(cfg: BuildConfig, n_train: int, check_device: bool = True) -> BuildConfig:
+def resolve(
+    cfg: BuildConfig, n_train: int, check_device: bool = True, n_val: int = 0
+) -> BuildConfig:
     """Fills in the data-dependent defaults and checks the settings (``check_device``: that
     this machine has the device; a cluster's driver may have none)."""
     if not cfg.checkpoints:
@@ -84,6 +100,15 @@ def resolve(cfg: BuildConfig, n_train: int, check_device: bool = True) -> BuildC
         raise ConfigError(
             f"--projector must be one of {', '.join(PROJECTORS)} or auto, got {projector!r}"
         )
+    scores = cfg.scores
+    if scores == "auto":
+        scores = "dense" if n_train * n_val <= DENSE_MAX_SCORES else "topk"
+    if scores not in SCORE_FORMS:
+        raise ConfigError(
+            f"--scores must be one of {', '.join(SCORE_FORMS)} or auto, got {cfg.scores!r}"
+        )
+    if cfg.topk < 1:
+        raise ConfigError(f"--topk must be at least 1, got {cfg.topk}")
     if cfg.shard_size < 0:
         raise ConfigError(
             f"--shard-size must be 0 (auto) or a number of pairs, got {cfg.shard_size}"
@@ -95,4 +120,5 @@ def resolve(cfg: BuildConfig, n_train: int, check_device: bool = True) -> BuildC
         grad_params=grad_params,
         topk=topk,
         projector=projector,
+        scores=scores,
     )

@@ -13,6 +13,7 @@ import torch
 from trak import TRAKer
 
 from engine import files
+from engine.attribution.factored import gradient_computer_for
 from engine.attribution.gradients import SelectiveGradientComputer, select_parameters
 from engine.attribution.margin import ClipMargin, SimulatedBatch
 from engine.attribution.projection import KeyedProjector, projector_for
@@ -74,6 +75,11 @@ class WorkContext:
         return projector_for(self.bundle.model, self.cfg, self.names)
 
     @functools.cached_property
+    def gradient_computer(self) -> type[SelectiveGradientComputer] | functools.partial:
+        """What makes each TRAKer's gradient computer (the factored one shares its factors)."""
+        return gradient_computer_for(self.bundle.model, self.cfg, self.names)
+
+    @functools.cached_property
     def sim(self) -> SimulatedBatch:
         return SimulatedBatch(len(self.pairs["train"]), self.cfg.sim_batch_size, seed=self.cfg.seed)
 
@@ -129,7 +135,7 @@ class WorkContext:
             save_dir=str(self.layout.trak_dir),
             load_from_save_dir=False,
             device=self.cfg.device,
-            gradient_computer=SelectiveGradientComputer,
+            gradient_computer=self.gradient_computer,
             projector=self.projector,
             saver=ShardSaver,
             score_computer=functools.partial(

@@ -25,9 +25,9 @@ import torch
 from PIL import Image
 
 from engine import files
+from engine.attribution.factored import gradient_computer_for
 from engine.attribution.gradients import (
     CheckpointStack,
-    SelectiveGradientComputer,
     select_parameters,
 )
 from engine.attribution.margin import ClipMargin, SimulatedBatch
@@ -47,8 +47,9 @@ STACK_MAX_ELEMENTS = 200_000_000
 
 
 class QueryEngine(RunData):
-    """A run ready for new queries: checkpoints, projection and TRAK features, loaded on first
-    use and shared by the threads of one process (a dashboard's sessions)."""
+    """A run ready for new queries: checkpoints and projection, loaded on first use and shared
+    by the threads of one process (a dashboard's sessions); the TRAK features are streamed from
+    the run's store by each query (``StoredScores.column_for``)."""
 
     def __init__(self, run: str | os.PathLike, device: str = "cpu") -> None:
         super().__init__(run)
@@ -107,12 +108,13 @@ class QueryEngine(RunData):
         names = select_parameters(model, self.cfg.grad_params)
         shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if n in names}
         # the projection is generated on the query's device
-        self.projector = projector_for(model, replace(self.cfg, device=self.device), names)
+        cfg = replace(self.cfg, device=self.device)
+        self.projector = projector_for(model, cfg, names)
+        make_computer = gradient_computer_for(model, cfg, names)  # factored: shared factors
         # traker divides projected gradients by sqrt(#attributed parameters) (TRAKer.featurize)
         self.normalize = math.sqrt(sum(int(np.prod(s)) for s in shapes.values()))
         self.sim = SimulatedBatch(len(self.train), self.cfg.sim_batch_size, seed=self.cfg.seed)
         loaded = []
-        out_to_loss = 0.0
         for m, checkpoint in enumerate(self.checkpoint_models):
             task = ClipMargin()
             task.set_embeddings(
@@ -123,21 +125,10 @@ class QueryEngine(RunData):
                     for modality in ("image", "text")
                 )
             )
-            computer = SelectiveGradientComputer(
+            computer = make_computer(
                 checkpoint, task, 0, torch.float32, self.device, grad_wrt=names
             )
-            features = files.load_npy(self.layout.trak_features(m), mmap=True)  # (n_train, k)
-            weights = files.load_npy(self.layout.trak_out_to_loss(m))[:, 0]
-            out_to_loss = out_to_loss + weights / self.n_models
-            loaded.append(
-                {
-                    "model": checkpoint,
-                    "task": task,
-                    "computer": computer,
-                    "features": np.ascontiguousarray(features, dtype=np.float32),
-                }
-            )
-        self.out_to_loss = np.asarray(out_to_loss, dtype=np.float32)  # (n_train,)
+            loaded.append({"model": checkpoint, "task": task, "computer": computer})
         self.stack = None  # every checkpoint in one vmap when their weights are small enough
         if CheckpointStack.elements(model, len(loaded)) <= STACK_MAX_ELEMENTS:
             self.stack = CheckpointStack([item["computer"] for item in loaded])
@@ -242,14 +233,13 @@ class QueryEngine(RunData):
         if not isinstance(image, Image.Image):
             image = open_query_image(image)
         with self._lock:
-            loaded = self._gradient_models()
+            self._gradient_models()
             notes = cleaned + check_caption(
                 caption, self.bundle.tokenizer, self.bundle.context_length
             )
             grads, img_emb, info = self.target_gradients(image, caption)
         t0 = time.perf_counter()
-        column = sum(item["features"] @ grads[m] for m, item in enumerate(loaded))
-        column = (column / self.n_models * self.out_to_loss).astype(np.float32)  # (n_train,)
+        column = self.scores.column_for(list(grads))  # (n_train,), streamed from the store
         similarity = self.train_image_emb @ img_emb  # (n_train,)
         result = ranked_result(
             self.train,
@@ -259,6 +249,7 @@ class QueryEngine(RunData):
             info["clip_similarity"],
             info["margin"],
             k,
+            self.map_sample,
             notes=notes,
         )
         result.timings = {**info["timings"], "search": time.perf_counter() - t0}
