@@ -75,3 +75,7 @@ class EvalError(TrakviewError):
 
 class EvalMismatchError(EvalError):
     """Cached evaluation models were made with other settings than the ones given now."""
+
+
+class CurateError(TrakviewError):
+    """A basket, a selection or a cleaned-set export that cannot be made as asked."""

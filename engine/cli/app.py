@@ -1,4 +1,5 @@
-"""The ``trakview`` command line: demo | train | build | serve | query | export | eval | info.
+"""The ``trakview`` command line: demo | train | build | serve | query | export | eval | basket |
+info.
 
 Errors about the user's input, run or environment (``engine.errors.TrakviewError``) are printed
 as one line (``error: ...``) with exit status 2; anything else is a bug and keeps its traceback.
@@ -11,7 +12,7 @@ import sys
 
 import typer
 
-from engine.cli import eval_cmds, explore, pipeline
+from engine.cli import basket_cmds, eval_cmds, explore, pipeline
 
 app = typer.Typer(
     add_completion=False,
@@ -30,6 +31,7 @@ for command in (
 ):
     app.command()(command)
 app.add_typer(eval_cmds.eval_app, name="eval")
+app.add_typer(basket_cmds.basket_app, name="basket")
 
 
 def main() -> None:
