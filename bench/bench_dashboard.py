@@ -47,7 +47,7 @@ GALLERIES_JS = """([caption, keys]) => {
     const heads = [...document.querySelectorAll('h3')].map(h => h.innerText);
     if (!heads.some(h => h.includes(caption))) return false;
     return keys.every(key => {
-        const card = document.querySelector('.' + key);
+        const card = document.querySelector(key);
         const img = card && card.querySelector('img');
         return img && img.complete && img.naturalWidth > 0
             && !card.closest('[data-stale="true"]');
@@ -68,10 +68,15 @@ COMPLETE_JS = (
 
 
 def expected_cards(run: RunData, j: int) -> list[str]:
-    """CSS classes of the cards the page must show for validation row j (its stored result)."""
+    """CSS selectors of the cards the page must show for validation row j (its stored result):
+    a gallery's card is the bordered column holding its open button; a similar one, a box."""
     result = run.for_val(str(run.val[j]["id"]), k=K)
-    groups = {"pos": result.positive, "neg": result.negative, "sim": result.similar}
-    return [f"st-key-ex-{key}-card-{c.index}" for key, cards in groups.items() for c in cards]
+    cards = [
+        f'[data-testid="stColumn"]:has(.st-key-ex-{key}-open-{c.index})'
+        for key, group in (("pos", result.positive), ("neg", result.negative))
+        for c in group
+    ]
+    return cards + [f".st-key-ex-sim-card-{c.index}" for c in result.similar]
 
 
 def free_port() -> int:
@@ -82,7 +87,8 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def serve(run: Path):
-    """``trakview serve`` in its own process group; yields its URL, stops it on exit."""
+    """``trakview serve`` in its own process group; yields its URL and the ``trakview``
+    process (Streamlit is its child), stops it on exit."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "engine.cli", "serve", str(run), "--port", str(port)],
@@ -104,7 +110,7 @@ def serve(run: Path):
             time.sleep(0.5)
         else:
             raise SystemExit("the dashboard did not start in 120 s")
-        yield url
+        yield url, proc
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -135,7 +141,16 @@ def load(browser, url: str, val: dict, keys: list[str], timeout_ms: int) -> tupl
     return seconds
 
 
-def measure(run: Path, repeats: int) -> dict[str, list[tuple[float, float]]]:
+def server_mib(trakview_pid: int) -> float:
+    """Resident memory of the Streamlit server that ``trakview serve`` started."""
+    children = Path(f"/proc/{trakview_pid}/task/{trakview_pid}/children").read_text().split()
+    for line in Path(f"/proc/{children[0]}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure(run: Path, repeats: int, with_memory: bool = False) -> dict:
     from playwright.sync_api import sync_playwright
 
     data = RunData(run)
@@ -147,7 +162,7 @@ def measure(run: Path, repeats: int) -> dict[str, list[tuple[float, float]]]:
         "first load (new session)": [],
         "new selection (click)": [],
     }
-    with serve(run) as url, sync_playwright() as pw:
+    with serve(run) as (url, proc), sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
         times["cold load (first after start)"].append(load(browser, url, val[0], keys[0], 180_000))
         for _ in range(repeats):
@@ -162,7 +177,8 @@ def measure(run: Path, repeats: int) -> dict[str, list[tuple[float, float]]]:
             button.click()
             times["new selection (click)"].append(until_complete(page, t0, val[j], keys[j], 60_000))
         browser.close()
-    return times
+        memory = server_mib(proc.pid) if with_memory else None
+    return {**times, "server_mib": memory} if with_memory else times
 
 
 def full_height(page) -> None:

@@ -48,7 +48,13 @@ from engine.attribution.settings import BuildConfig
 from engine.build.orchestrate import build
 from engine.evaluate import stats
 from engine.evaluate.lds import LdsConfig, evaluate_lds, load_lds_cache
-from engine.evaluate.methods import METHODS, method_scores, store_trak_scores, trak_store_arrays
+from engine.evaluate.methods import (
+    METHODS,
+    method_scores,
+    predict,
+    store_trak_scores,
+    trak_store_arrays,
+)
 from engine.evaluate.removal import RemoveConfig, evaluate_removal, sample_targets
 from engine.evaluate.retrain import load_inputs
 from engine.models import train
@@ -477,12 +483,12 @@ def main() -> None:
             snap_runs[n] = out
         for lam in [float(v) for v in args.lambdas.split(",")]:
             scores[f"lambda_rel={lam:g}"] = lambda_scores(run, n_default, lam)
-    preds = {k: stats.subset_predictions(v, masks) for k, v in scores.items()}
+    preds = {k: predict(v, masks) for k, v in scores.items()}
     result = stats.bootstrap_lds(preds, outputs, args.bootstrap, seed=0)
     lines = verdicts(result, f"M={n_default}")
     if not args.skip_variants:  # every method again with the larger ensemble's checkpoints
         big = method_scores(run_m, list(METHODS))
-        preds_big = {k: stats.subset_predictions(v, masks) for k, v in big.items()}
+        preds_big = {k: predict(v, masks) for k, v in big.items()}
         res_big = stats.bootstrap_lds(preds_big, outputs, args.bootstrap, seed=0)
         order = sorted(res_big, key=lambda k: -res_big[k]["lds"])
         at_max_m = [(f"{LABELS[k]} (M={max(ms)})", *fmt_lds(res_big[k])) for k in order]
@@ -494,7 +500,7 @@ def main() -> None:
             big_s["grad-dot-final"] = stats.grad_dot_scores(
                 *trak_store_arrays(srun, final_ids(srun), ("grads", "val"))
             )
-            preds_s = {k: stats.subset_predictions(v, masks) for k, v in big_s.items()}
+            preds_s = {k: predict(v, masks) for k, v in big_s.items()}
             res_s = stats.bootstrap_lds(preds_s, outputs, args.bootstrap, seed=0)
             n_ck = open_manifest(srun).counts.n_checkpoints
             tag = f"{dcfg.members} models x {n_s} snapshots (M={n_ck})"
@@ -544,9 +550,7 @@ def main() -> None:
             more_scores[f"gradient dot product, {tag}"] = big_s["grad-dot"]
         more_rows = []
         for label, rows_ in blocks.items():
-            preds_m = {
-                k: stats.subset_predictions(v, masks_all[rows_]) for k, v in more_scores.items()
-            }
+            preds_m = {k: predict(v, masks_all[rows_]) for k, v in more_scores.items()}
             res_m = stats.bootstrap_lds(preds_m, outputs_all[rows_], args.bootstrap, seed=0)
             order = sorted(res_m, key=lambda k: -res_m[k]["lds"])
             more_rows += [(label, LABELS.get(k, k), *fmt_lds(res_m[k])) for k in order]

@@ -14,6 +14,7 @@ page = st.navigation(
         ),
         st.Page("pages/upload.py", title="Upload a pair", icon=":material/upload:"),
         st.Page("pages/overview.py", title="Overview", icon=":material/monitoring:"),
+        st.Page("pages/basket.py", title="Basket", icon=":material/shopping_basket:"),
     ]
 )
 run = state.run_dir()

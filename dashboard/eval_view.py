@@ -14,8 +14,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from dashboard.plots import BLUE, GREEN, GREY, RED
-from engine.evaluate.lds import read_lds
-from engine.evaluate.removal import read_removal
+from engine.evaluate.results import read_lds, read_removal
 from engine.explore.trust import lds_trust
 
 LABELS = {

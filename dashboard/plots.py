@@ -9,7 +9,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from engine.explore.results import Influencer, QueryResult
+from engine.explore.results import Influencer, Points, QueryResult
 from engine.explore.view import RunView
 
 GREEN, RED, BLUE, GREY = "#1a9850", "#d73027", "#4575b4", "#b0b0b0"
@@ -38,11 +38,11 @@ def _layout(fig: go.Figure, title: str, x: str, y: str) -> go.Figure:
 
 
 def score_histogram(
-    scores: np.ndarray, pos: list[Influencer], neg: list[Influencer], bins: int = 80
+    histogram: tuple[np.ndarray, np.ndarray], pos: list[Influencer], neg: list[Influencer]
 ) -> go.Figure:
-    """Distribution of the target's scores over all training pairs, shown top-k marked. The
-    counts are binned here: the browser gets ``bins`` bars, not every training pair's score."""
-    counts, edges = np.histogram(scores, bins=bins)
+    """Distribution of the target's scores over all training pairs, shown top-k marked: binned
+    where the scores are (the run's summaries), the browser gets the bars, not the scores."""
+    counts, edges = histogram
     centres = (edges[:-1] + edges[1:]) / 2
     fig = go.Figure(
         go.Bar(
@@ -70,14 +70,14 @@ def score_histogram(
     return _layout(fig, "Scores of all training pairs", "TRAK score", "pairs (log)")
 
 
-def _points(fig: go.Figure, col: int, x: np.ndarray, y: np.ndarray, idx, ids, **kw) -> None:
+def _points(fig: go.Figure, col: int, x, y, at: np.ndarray, points: Points, ids, **kw) -> None:
     fig.add_trace(
         go.Scattergl(
-            x=x[idx],
-            y=y[idx],
+            x=x[at],
+            y=y[at],
             mode="markers",
-            customdata=idx,
-            text=[ids[i] for i in idx],
+            customdata=points.rows[at],  # the training row a click opens
+            text=[ids[p] for p in at],
             hovertemplate="%{text}<br>x %{x:.3f}, y %{y:.4f}<extra></extra>",
             **kw,
         ),
@@ -87,20 +87,21 @@ def _points(fig: go.Figure, col: int, x: np.ndarray, y: np.ndarray, idx, ids, **
 
 
 def influence_maps(
-    scores: np.ndarray,
-    similarity: np.ndarray,
+    points: Points,
     coords: np.ndarray,
     ids: list[str],
     pos: list[Influencer],
     neg: list[Influencer],
-    sample: np.ndarray,
 ) -> go.Figure:
-    """Two views of the training pairs, one figure (one WebGL canvas, so it redraws faster).
+    """Two views of some training pairs, one figure (one WebGL canvas, so it redraws faster).
 
     Left: TRAK score against CLIP image similarity. Right: the 2-D PCA map of the training
-    images coloured by the target's scores. Drawn: the rows ``sample`` (a fixed-size sample of
-    the training set, so the figure's size does not grow with it) and the shown top-k,
-    highlighted in both.
+    images coloured by the target's scores. Drawn: ``points`` (a fixed sample of the training
+    set, so the figure does not grow with it, and the shown top-k, highlighted in both).
+
+    Args:
+        points: the drawn training pairs with their scores and similarity.
+        coords: (len(points.rows), 2) their map coordinates; ids: their ids.
     """
     fig = make_subplots(
         rows=1,
@@ -109,37 +110,41 @@ def influence_maps(
         subplot_titles=["<b>Influence vs. similarity</b>", "<b>Map of training images (PCA)</b>"],
     )
     fig.update_annotations(font=dict(size=15, color="#31333f"))
-    shown_pos = np.array([c.index for c in pos], dtype=int)
-    shown_neg = np.array([c.index for c in neg], dtype=int)
+    at = {int(r): p for p, r in enumerate(points.rows)}  # training row -> position
+    shown_pos = np.array([at[c.index] for c in pos if c.index in at], dtype=int)
+    shown_neg = np.array([at[c.index] for c in neg if c.index in at], dtype=int)
     shown = np.concatenate([shown_pos, shown_neg])
-    rest = np.setdiff1d(sample, shown)
-    _points(fig, 1, similarity, scores, rest, ids, marker=dict(color=GREY, size=4), name="other")
+    rest = np.setdiff1d(np.arange(len(points.rows)), shown)
+    x, y = points.similarity, points.scores
+    _points(fig, 1, x, y, rest, points, ids, marker=dict(color=GREY, size=4), name="other")
     for idx, sign in ((shown_pos, "positive"), (shown_neg, "negative")):
         _points(
             fig,
             1,
-            similarity,
-            scores,
+            x,
+            y,
             idx,
+            points,
             ids,
             marker=dict(color=COLOUR[sign], size=9, line=dict(width=1, color="white")),
             name=f"shown: {TITLE[sign].lower()}",
         )
-    lim = float(np.abs(scores).max()) or 1.0
-    drawn = np.union1d(rest, shown)
-    order = drawn[np.argsort(np.abs(scores[drawn]), kind="stable")]  # strongest on top
+    scores = points.scores
+    lim = float(np.abs(scores).max()) if len(scores) else 1.0
+    order = np.argsort(np.abs(scores), kind="stable")  # strongest drawn last, on top
     _points(
         fig,
         2,
         coords[:, 0],
         coords[:, 1],
         order,
+        points,
         ids,
         marker=dict(
             color=scores[order],
             colorscale=[[0, RED], [0.5, "#eeeeee"], [1, GREEN]],
-            cmin=-lim,
-            cmax=lim,
+            cmin=-(lim or 1.0),
+            cmax=lim or 1.0,
             size=6,
             colorbar=dict(title="score", thickness=10),
         ),
@@ -151,6 +156,7 @@ def influence_maps(
         coords[:, 0],
         coords[:, 1],
         shown,
+        points,
         ids,
         marker=dict(size=11, color="rgba(0,0,0,0)", line=dict(width=1.5, color="black")),
         name="shown in galleries",
@@ -170,8 +176,8 @@ def influence_maps(
 def result_figures(run: RunView, result: QueryResult, k: int) -> tuple[go.Figure, go.Figure]:
     """The two figures of a result with its top ``k`` shown: scores, and the maps."""
     pos, neg = result.positive[:k], result.negative[:k]
-    histogram = score_histogram(result.scores, pos, neg)
-    maps = influence_maps(
-        result.scores, result.train_similarity, run.pca, run.train_ids, pos, neg, run.map_sample
-    )
+    histogram = score_histogram(result.histogram, pos, neg)
+    rows = result.points.rows
+    ids = [str(run.train[int(i)]["id"]) for i in rows]
+    maps = influence_maps(result.points, run.map_coordinates(rows), ids, pos, neg)
     return histogram, maps

@@ -16,7 +16,7 @@ import plotly.graph_objects as go
 import streamlit as st
 from PIL import Image
 
-from dashboard import plots, state
+from dashboard import basket_ui, plots, state
 from dashboard.plots import COLOUR, TITLE
 from engine.explore import export
 from engine.explore.results import Influencer, QueryResult
@@ -328,7 +328,8 @@ def train_detail(run: RunView, index: int) -> None:
         st.markdown(f"{plain(rec['id'])} · row {index}")
         if facts(rec):
             st.markdown(facts(rec))
-    row = np.asarray(run.scores[index], dtype=np.float32)  # (n_val,)
+        basket_ui.add_form(run, [index], f"basket-card-{index}", "card")
+    row = run.scores.row(index)  # (n_val,)
     n = min(5, len(row))
     for title, order, sign in (
         ("Validation pairs it helps most", np.argsort(-row, kind="stable")[:n], "positive"),

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +104,44 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{lineno} is not valid JSON: {err.msg}") from err
     return records
+
+
+class JsonLines(Sequence):
+    """The records of a JSON-lines file, read one at a time on demand: a million training pairs
+    cost an index of line offsets (8 bytes each), not a million dicts in memory."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        import numpy as np
+
+        self.path = Path(path)
+        data = np.fromfile(self.path, dtype=np.uint8)
+        ends = np.flatnonzero(data == ord("\n"))
+        starts = np.concatenate([[0], ends + 1])[: len(ends) + (len(data) > 0 and data[-1] != 10)]
+        stops = np.concatenate([ends, [len(data)]])[: len(starts)]
+        keep = stops - starts > 0  # blank lines are not records
+        self._starts, self._stops = starts[keep], stops[keep]
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = int(i)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"record {i} of {len(self)} in {self.path}")
+        with open(self.path, "rb") as fh:
+            fh.seek(int(self._starts[i]))
+            line = fh.read(int(self._stops[i] - self._starts[i]))
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{self.path}: record {i + 1} is not valid JSON: {err.msg}") from err
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        yield from read_jsonl(self.path)
 
 
 def save_npy(path: str | os.PathLike, array: Any) -> None:

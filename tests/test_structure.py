@@ -26,6 +26,7 @@ LAYERS = [
     "search",
     "build",
     "explore",
+    "curate",
     "evaluate",
     "demo",
     "cli",

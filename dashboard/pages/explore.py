@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from dashboard import eval_view, state, ui
+from dashboard import basket_ui, eval_view, state, ui
 
 run = state.open_run()
 ids = [str(r["id"]) for r in run.val]
@@ -56,3 +56,6 @@ with header:
     eval_view.pair_check(run.run, val_id, j)
 figures = state.val_figures(run, state.run_key(run), val_id, k)
 ui.influence_view(run, result, k, "ex", figures=figures)
+with st.expander("Put the training pairs that hurt this match in a basket"):
+    lowest = result.negative[min(k, len(result.negative)) - 1].score if result.negative else 0.0
+    basket_ui.threshold_form(run, j, val_id, default=lowest)

@@ -6,7 +6,8 @@ from dataclasses import asdict
 import numpy as np
 import streamlit as st
 
-from dashboard import eval_view, state, ui
+from dashboard import basket_ui, eval_view, state, ui
+from engine.curate import select
 from engine.evaluate import groundtruth
 from engine.explore.results import QueryResult
 
@@ -55,19 +56,29 @@ st.caption(
     "raise the model's CLIP margins across the validation set, red pairs lower them."
 )
 total = run.total_scores
+best, worst = run.ranked_totals
 whole = QueryResult(
     caption=f"all {counts.n_val} validation pairs (scores summed)",
-    positive=run.cards(np.argsort(-total, kind="stable")[:k], total, "positive"),
-    negative=run.cards(np.argsort(total, kind="stable")[:k], total, "negative"),
+    positive=run.cards(best[:k], total, "positive"),
+    negative=run.cards(worst[:k], total, "negative"),
     similar=[],
     clip_similarity=float(np.mean(run.val_clip_sim)),
     margin=float(np.mean(run.val_margin)),
-    scores=total,
-    train_similarity=np.zeros_like(total),
+    histogram=(np.zeros(0), np.zeros(1)),
 )
 opened.append(ui.gallery(run, whole.positive, "positive", "ov-pos", n_cols=8))
 opened.append(ui.gallery(run, whole.negative, "negative", "ov-neg", n_cols=8))
 ui.export_buttons(run, whole, "ov-whole", query_image=run.val_mosaic)
+basket_ui.add_form(
+    run,
+    lambda n: select.most_harmful(total, n),
+    "ov-harm-basket",
+    "harmful",
+    why=lambda n: f"among the {n} most harmful overall",
+    number=basket_ui.count_input(run, k),
+    every_val=True,
+    label="Add the most harmful",
+)
 
 st.header("Suspected mislabeled training pairs")
 if run.suspect is None:
@@ -79,7 +90,7 @@ else:
         "image (the model's own retrieval). Where the data has ground truth it is shown."
     )
     ui.suspect_comparison(groundtruth.signal_aurocs(run.suspect_signals(), run.train))
-    order = np.argsort(-run.suspect, kind="stable")[:k]
+    order = run.ranked_suspects[:k]
     suspects = run.cards(order, run.suspect, "suspect")
     notes = {}
     for card in suspects:
@@ -101,11 +112,19 @@ else:
         similar=[],
         clip_similarity=float("nan"),
         margin=float("nan"),
-        scores=run.suspect,
-        train_similarity=np.zeros_like(run.suspect),
-        notes=["Cards are ranked by suspicion (suspect_mislabeled.npy), not by TRAK score."],
+        histogram=(np.zeros(0), np.zeros(1)),
+        notes=["Cards are ranked by suspicion, not by TRAK score."],
     )
     ui.export_buttons(run, flagged, "ov-sus", query_image=run.val_mosaic)
+    basket_ui.add_form(
+        run,
+        lambda n: select.top_suspects(run.suspect, n),
+        "ov-sus-basket",
+        "suspects",
+        why=lambda n: f"among the {n} most suspected mislabeled",
+        number=basket_ui.count_input(run, k),
+        label="Add the most suspect",
+    )
 
 st.header("Are the attributions right?")
 eval_view.lds_section(run.run)

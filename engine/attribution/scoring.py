@@ -89,21 +89,6 @@ class RegularizedScoreComputer(AbstractScoreComputer):
         accumulator += (features.to(self.device) @ target_grads.to(self.device).T).cpu()
 
 
-def topk_indices(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per validation pair (column), the k most positive and k most negative training indices.
-
-    Args:
-        scores: (n_train, n_val) TRAK scores.
-
-    Returns:
-        (n_val, k) int32 each: most positive first, and most negative first.
-    """
-    order = np.argsort(-scores, axis=0, kind="stable")  # (n_train, n_val)
-    pos = order[:k].T
-    neg = np.argsort(scores, axis=0, kind="stable")[:k].T
-    return pos.astype(np.int32), neg.astype(np.int32)
-
-
 def self_influence(
     grads: list[np.ndarray],
     features: list[np.ndarray],

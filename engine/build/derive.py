@@ -14,11 +14,12 @@ import numpy as np
 from engine import files
 from engine.attribution.margin import SimulatedBatch
 from engine.attribution.scoring import self_influence
-from engine.attribution.suspects import SHIPPED, suspect_signals
 from engine.attribution.settings import BuildConfig
+from engine.attribution.suspects import SHIPPED, suspect_signals
 from engine.models import embed
 from engine.run.health import health
 from engine.run.layout import MODALITIES, SPLITS, RunLayout
+from engine.search.faiss_ops import exact_search
 
 
 def ensemble_margin(
@@ -65,8 +66,23 @@ def run_self_influence(layout: RunLayout, n_models: int) -> np.ndarray:
     return self_influence(*arrays)
 
 
+def write_similar(layout: RunLayout, k: int, block: int = 1024) -> None:
+    """Per validation pair, the k training images of the highest mean cosine similarity to its
+    image (ensemble embeddings), exact, ``block`` validation pairs at a time."""
+    train = files.load_npy(layout.embeddings("train", "image"), mmap=True)  # (n_train, M*d)
+    val = files.load_npy(layout.embeddings("val", "image"), mmap=True)
+    k = min(k, train.shape[0])
+    rows, sims = [], []
+    for s in range(0, val.shape[0], block):
+        found, ids = exact_search(train, np.asarray(val[s : s + block]), k)
+        rows.append(ids.astype(np.int32))
+        sims.append(found.astype(np.float32))
+    files.save_npy(layout.similar, np.concatenate(rows))
+    files.save_npy(layout.similar_scores, np.concatenate(sims))
+
+
 def finish_run(layout: RunLayout, cfg: BuildConfig, n_models: int) -> None:
-    """Writes the derived arrays of a run (stages ensemble, diagnose, health)."""
+    """Writes the derived arrays of a run (stages ensemble, similar, diagnose, health)."""
     if not layout.stage_done("ensemble"):
         for split in SPLITS:
             for modality in MODALITIES:
@@ -81,11 +97,16 @@ def finish_run(layout: RunLayout, cfg: BuildConfig, n_models: int) -> None:
             files.save_npy(layout.margin(split), ensemble_margin(layout, cfg, split, n_models))
             files.save_npy(layout.caption_rank(split), embed.caption_ranks(img, txt))
         layout.mark_stage("ensemble", {})
+    if not layout.stage_done("similar"):
+        write_similar(layout, cfg.topk)
+        layout.mark_stage("similar", {"k": cfg.topk})
     if not layout.stage_done("diagnose"):
         si = run_self_influence(layout, n_models)
         files.save_npy(layout.self_influence, si)
         signals = suspect_signals(
-            si, files.load_npy(layout.clip_sim("train")), files.load_npy(layout.caption_rank("train"))
+            si,
+            files.load_npy(layout.clip_sim("train")),
+            files.load_npy(layout.caption_rank("train")),
         )
         files.save_npy(layout.suspect, signals[SHIPPED].astype(np.float32))
         layout.mark_stage("diagnose", {"suspect_method": SHIPPED})

@@ -112,7 +112,7 @@ def _build(
     layout = RunLayout(out)
     executor = executor or executors.LocalExecutor()
     # On a cluster the workers compute: the driver needs no GPU of its own.
-    cfg = resolve(cfg, len(train), check_device=executor.name == "local")
+    cfg = resolve(cfg, len(train), check_device=executor.name == "local", n_val=len(val))
     ckpt_hashes = [file_sha256(p) for p in cfg.checkpoints]
     identity = {"train": fingerprint(train), "val": fingerprint(val), "checkpoints": ckpt_hashes}
     _open_run(layout, cfg, identity, overwrite)
@@ -137,7 +137,7 @@ def _build(
     derive.finish_run(layout, cfg, len(cfg.checkpoints))
     if not layout.stage_done("index"):
         t = _Timer()
-        meta = build_run_indexes(out, n_models=len(cfg.checkpoints))
+        meta = build_run_indexes(out)
         summary = {
             n: {k: i.get(k) for k in ("kind", "n", "dim", "recall_at_10")}
             for n, i in meta["indexes"].items()

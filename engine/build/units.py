@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from engine import files
-from engine.attribution.scoring import topk_indices
 from engine.attribution.settings import MAX_CONDITION
+from engine.attribution.summaries import summarize_block
 from engine.build.context import WorkContext
 from engine.build.graph import Unit, unit_id
 from engine.models.embed import encode
@@ -169,7 +169,9 @@ def _xtx(unit: Unit, ctx: WorkContext, t0: float) -> dict[str, Any]:
     files.save_npy(ctx.layout.trak_xtx(m), xtx.numpy())
     k = xtx.shape[0]
     scorer = ctx.scorer(ctx.cfg.lambda_reg)
-    with _quiet("engine.attribution.scoring"):  # it would name 0 training pairs: warned below with all of them
+    with _quiet(
+        "engine.attribution.scoring"
+    ):  # it would name 0 training pairs: warned below with all of them
         scorer.get_x_xtx_inv(torch.zeros(0, k, device=ctx.cfg.device), xtx.to(ctx.cfg.device))
     info = {**scorer.diagnostics[-1], "n_train": n_train}
     if info["condition"] > MAX_CONDITION or (info["rank"] < k and info["lambda"] == 0):
@@ -212,7 +214,9 @@ def _gather_trak(unit: Unit, ctx: WorkContext, t0: float) -> dict[str, Any]:
         _gather_rows([ctx.layout.shard(group, name, s) for s in shards], path(m))
     n_train = len(ctx.pairs["train"])
     files.save_npy(ctx.layout.trak_is_featurized(m), np.ones(n_train, np.int32))
-    files.write_json(ctx.layout.trak_model_ids(m), {str(m): {"is_featurized": 1, "is_finalized": 1}})
+    files.write_json(
+        ctx.layout.trak_model_ids(m), {str(m): {"is_featurized": 1, "is_finalized": 1}}
+    )
     first = ctx.marker(unit_id("featurize", m, 0))
     files.write_json(
         ctx.layout.trak_metadata,
@@ -269,27 +273,48 @@ def _scores(unit: Unit, ctx: WorkContext, t0: float) -> dict[str, Any]:
         )
     traker.saver.init_scores(TARGETS, stop - start)
     scores = np.asarray(traker.finalize_scores(exp_name=TARGETS), dtype=np.float32)
-    pos, neg = topk_indices(scores, ctx.cfg.topk)  # (n_v, topk) each
-    _save(ctx, "scores", "scores", unit.shard, scores)  # (n_train, n_v)
-    _save(ctx, "scores", "topk_pos", unit.shard, pos)
-    _save(ctx, "scores", "topk_neg", unit.shard, neg)
+    summary = summarize_block(scores, ctx.cfg.topk)  # top-k, histograms, row sums
+    for name in (*SUMMARIES, *ROW_SUMS):
+        _save(ctx, "scores", name, unit.shard, summary[name])
+    if ctx.cfg.scores == "dense":
+        _save(ctx, "scores", "scores", unit.shard, scores)  # (n_train, n_v)
     return {"pairs": stop - start}
+
+
+# per validation pair: gathered by rows; per training pair: summed over the blocks
+SUMMARIES = ("topk_pos", "topk_neg", "topk_pos_scores", "topk_neg_scores", "hist", "range")
+ROW_SUMS = ("sum", "negative")
 
 
 def _gather_scores(unit: Unit, ctx: WorkContext, t0: float) -> dict[str, Any]:
     shards = ctx.score_shards()
     n_train, n_val = len(ctx.pairs["train"]), len(ctx.pairs["val"])
-    with files.atomic_path(ctx.layout.scores) as tmp:
-        scores = np.lib.format.open_memmap(tmp, "w+", np.float32, (n_train, n_val))
-        for v, (start, stop) in enumerate(shards):
-            scores[:, start:stop] = _load(ctx, "scores", "scores", v)
-        scores.flush()
-        del scores
-    for name, dest in (("topk_pos", ctx.layout.topk_pos), ("topk_neg", ctx.layout.topk_neg)):
-        _gather_rows([ctx.layout.shard("scores", name, v) for v in range(len(shards))], dest)
+    if ctx.cfg.scores == "dense":
+        with files.atomic_path(ctx.layout.scores) as tmp:
+            scores = np.lib.format.open_memmap(tmp, "w+", np.float32, (n_train, n_val))
+            for v, (start, stop) in enumerate(shards):
+                scores[:, start:stop] = _load(ctx, "scores", "scores", v)
+            scores.flush()
+            del scores
+    layout = ctx.layout
+    destinations = {
+        "topk_pos": layout.topk_pos,
+        "topk_neg": layout.topk_neg,
+        "topk_pos_scores": layout.topk_pos_scores,
+        "topk_neg_scores": layout.topk_neg_scores,
+        "hist": layout.score_hist,
+        "range": layout.score_range,
+    }
+    for name, dest in destinations.items():
+        _gather_rows([layout.shard("scores", name, v) for v in range(len(shards))], dest)
+    for name, dest in (("sum", layout.train_score_sum), ("negative", layout.train_negative_mass)):
+        total = np.zeros(n_train, np.float64)
+        for v in range(len(shards)):  # in block order: the same sums on every executor
+            total += _load(ctx, "scores", name, v)
+        files.save_npy(dest, total.astype(np.float32))
     seconds = ctx.seconds(list(unit.deps)) + time.perf_counter() - t0
-    ctx.layout.mark_stage("scores", {"seconds": round(seconds, 3)})
-    ctx.layout.mark_stage("topk", {"k": ctx.cfg.topk})
+    layout.mark_stage("scores", {"seconds": round(seconds, 3)})
+    layout.mark_stage("topk", {"k": ctx.cfg.topk})
     return {"consumed": "scores"}
 
 

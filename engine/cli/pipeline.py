@@ -237,8 +237,15 @@ def build(
     sim_batch_size: Annotated[int, typer.Option(help="Simulated batch of the CLIP margin.")] = 256,
     batch_size: Annotated[int, typer.Option(help="Pairs per gradient batch.")] = 50,
     topk: Annotated[
-        int, typer.Option(help="Influencers stored per validation pair and sign.")
-    ] = 50,
+        int, typer.Option(help="Influencers stored per validation pair and sign, with scores.")
+    ] = 100,
+    scores: Annotated[
+        str,
+        typer.Option(
+            help="Scores kept: dense (scores.npy, n_train x n_val), topk (no scores.npy; "
+            "columns recomputed on demand) or auto (dense up to 2^28 scores)."
+        ),
+    ] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of simulated batches and projection.")] = 0,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     half: Annotated[bool, typer.Option(help="float16 features (CUDA only).")] = False,
@@ -309,6 +316,7 @@ def build(
         device=device,
         half=half,
         topk=topk,
+        scores=scores,
         projector=projector,
         shard_size=shard_size,
     )

@@ -16,11 +16,6 @@ from engine.run.manifest import Manifest
 FORMAT = 1  # version of eval/lds.json and eval/remove.json
 
 
-def read_result(path: Path) -> dict[str, Any] | None:
-    """An evaluation's result file, or None when the evaluation has not run."""
-    return files.read_json(path) if path.is_file() else None
-
-
 def open_cache(cache: EvalCache, identity: dict[str, Any], overwrite: bool) -> None:
     """Creates a cache folder, or checks that an existing one was made with the same settings."""
     have = files.claim_folder(cache.folder, cache.config, identity, overwrite)

@@ -33,7 +33,7 @@ import numpy as np
 from engine import files
 from engine.errors import EvalError
 from engine.evaluate import common, retrain, stats
-from engine.evaluate.methods import METHODS, method_scores
+from engine.evaluate.methods import METHODS, method_scores, predict
 from engine.explore.trust import lds_trust
 from engine.models import train
 from engine.run.layout import RunLayout
@@ -56,11 +56,6 @@ class LdsConfig:
     workers: int = 0  # models trained side by side, one CPU thread each; 0 = one per core
     keep_models: bool = False  # keep the subset models' checkpoints (13 MB each for tiny)
     methods: list[str] = field(default_factory=lambda: list(METHODS))
-
-
-def read_lds(run: str | os.PathLike) -> dict[str, Any] | None:
-    """The run's ``eval/lds.json``, or None before ``trakview eval lds``."""
-    return common.read_result(RunLayout(run).lds_result)
 
 
 def evaluate_lds(
@@ -146,7 +141,7 @@ def _evaluate_lds(
     )
 
     t_score = time.perf_counter()
-    predictions = {k: stats.subset_predictions(v, masks) for k, v in scores.items()}
+    predictions = {k: predict(v, masks) for k, v in scores.items()}
     methods = stats.bootstrap_lds(predictions, outputs, cfg.bootstrap, cfg.seed, cfg.level)
     for name in methods:
         methods[name]["description"] = METHODS[name]

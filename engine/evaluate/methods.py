@@ -1,7 +1,9 @@
 """The attribution methods an evaluation compares: the run's TRAK scores and the baselines.
 
-Each gives an (n_train, n_val) score matrix: ``trak`` (the run's scores), CLIP similarities,
-gradient dot products in the run's projected gradients (TracIn-style), and random scores.
+Each gives an (n_train, n_val) score matrix: ``trak`` (the run's scores: ``TrakScores``, which
+never forms the matrix of a run in the top-k form), CLIP similarities, gradient dot products in
+the run's projected gradients (TracIn-style), and random scores. ``predict`` and ``column`` take
+either kind.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ import numpy as np
 from engine import files
 from engine.errors import EvalError
 from engine.evaluate import stats
+from engine.explore.scores import StoredScores
 from engine.run.layout import RunLayout
 from engine.run.manifest import open_manifest
 
 METHODS = {
-    "trak": "trakview's TRAK scores (scores.npy)",
+    "trak": "trakview's TRAK scores (the run's, in either form)",
     "clip-image": "cosine similarity of the training image to the target image (ensemble CLIP)",
     "clip-text": "cosine similarity of the training caption to the target caption (ensemble CLIP)",
     "clip-pair": "mean of the image-image and caption-caption CLIP similarities",
@@ -27,6 +30,43 @@ METHODS = {
     "epochs of one run), in the run's projected gradients",
     "random": "independent standard normal scores (seeded)",
 }
+
+
+class TrakScores:
+    """A run's TRAK scores in either form, as the evaluations use them: predictions for
+    subsets, and single columns."""
+
+    def __init__(self, run: Path) -> None:
+        layout = RunLayout(run)
+        self.stored = StoredScores(layout, open_manifest(run))
+
+    def column(self, j: int) -> np.ndarray:
+        return self.stored.column(j)
+
+    def predict(self, masks: np.ndarray, block: int = 65536) -> np.ndarray:
+        """(N, n_val) float64 the scores summed over each subset: masks @ scores. In the
+        top-k form, (masks @ V) @ G^T with the training vectors V read ``block`` rows at a time:
+        memory (N + n_val) x M*k, never n_train x n_val."""
+        stored = self.stored
+        if stored.matrix is not None:
+            return stats.subset_predictions(stored.matrix, masks)
+        summed = np.zeros((masks.shape[0], stored.target_vectors.shape[1]), np.float64)
+        for s in range(0, stored.n_train, block):
+            rows = np.arange(s, min(stored.n_train, s + block))
+            summed += masks[:, rows].astype(np.float64) @ stored.vectors(rows)
+        return summed @ stored.target_vectors.T.astype(np.float64)
+
+
+def predict(scores: np.ndarray | TrakScores, masks: np.ndarray) -> np.ndarray:
+    """(N, n_val) a method's scores summed over each subset (``masks``: (N, n_train))."""
+    if isinstance(scores, TrakScores):
+        return scores.predict(masks)
+    return stats.subset_predictions(scores, masks)
+
+
+def column(scores: np.ndarray | TrakScores, j: int) -> np.ndarray:
+    """(n_train,) a method's scores for validation pair j."""
+    return scores.column(j) if isinstance(scores, TrakScores) else scores[:, j]
 
 
 def method_scores(run: Path, names: list[str], seed: int = 0) -> dict[str, np.ndarray]:
@@ -45,7 +85,7 @@ def method_scores(run: Path, names: list[str], seed: int = 0) -> dict[str, np.nd
     out = {}
     for name in names:
         if name == "trak":
-            out[name] = files.load_npy(layout.scores)
+            out[name] = TrakScores(run)
         elif name in ("clip-image", "clip-text"):
             mod = name.split("-")[1]
             out[name] = emb[("train", mod)] @ emb[("val", mod)].T

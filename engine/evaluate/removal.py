@@ -16,7 +16,8 @@ import numpy as np
 from engine import files
 from engine.errors import EvalError
 from engine.evaluate import common, retrain, stats
-from engine.evaluate.methods import method_scores
+from engine.evaluate.methods import column, method_scores
+from engine.evaluate.results import read_removal
 from engine.evaluate.stats import REFERENCE
 from engine.models import train
 from engine.run.layout import RunLayout
@@ -37,11 +38,6 @@ class RemoveConfig:
     level: float = 0.95
     workers: int = 0
     keep_models: bool = False
-
-
-def read_removal(run: str | os.PathLike) -> dict[str, Any] | None:
-    """The run's ``eval/remove.json``, or None before ``trakview eval remove``."""
-    return common.read_result(RunLayout(run).removal_result)
 
 
 def top_rows(column: np.ndarray, k: int) -> np.ndarray:
@@ -137,7 +133,7 @@ def _evaluate_removal(
                 gone = (
                     random_rows(n_train, k, cfg.seed, j)
                     if method == "random"
-                    else top_rows(scores[method][:, j], k)
+                    else top_rows(column(scores[method], j), k)
                 )
                 removed[(method, k, j)] = gone
                 kept = np.setdiff1d(everyone, gone)
@@ -185,7 +181,7 @@ def _evaluate_removal(
                 entry["removed"].setdefault(method, {})[str(k)] = {
                     "margin": float(after),
                     "delta": float(after - full[j]),
-                    "trak_score_sum": float(scores["trak"][gone, j].sum()),
+                    "trak_score_sum": float(column(scores["trak"], j)[gone].sum()),
                     "removed_ids": [train_ids[i] for i in gone.tolist()],
                 }
         targets[val_ids[j]] = entry

@@ -18,7 +18,6 @@ import concurrent.futures as cf
 import contextlib
 import hashlib
 import logging
-import multiprocessing
 import shutil
 import time
 from collections.abc import Iterator
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from engine import files
+from engine import files, parallel
 from engine.attribution.margin import SimulatedBatch
 from engine.data.loading import image_tensors, tokenize
 from engine.data.pairs import PairSet
@@ -190,22 +189,16 @@ def run_jobs(
         for job in todo:
             save(job, *_timed(ctx, job, cache.checkpoints_dir / job.key, keep_models))
     else:
-        # spawn: a forked child would inherit torch's thread pools from this process
-        pool = cf.ProcessPoolExecutor(
-            max_workers=min(workers, len(todo)), mp_context=multiprocessing.get_context("spawn")
-        )
-        with pool:
+        # engine.parallel's processes: spawned (a fork would copy torch's thread pools) and
+        # without the caller's __main__ (a script, a notebook or a dashboard is not run again);
+        # an error or an interrupt stops the others at once, finished models are kept
+        with parallel.Pool(min(workers, len(todo)), 1) as pool:
             futures = {
                 pool.submit(_timed, ctx, job, cache.checkpoints_dir / job.key, keep_models): job
                 for job in todo
             }
-            try:
-                for future in cf.as_completed(futures):
-                    save(futures[future], *future.result())
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                raise
+            for future in cf.as_completed(futures):
+                save(futures[future], *future.result())
     bar.close()
     return {
         "trained": len(todo),

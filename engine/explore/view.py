@@ -1,8 +1,9 @@
 """The dashboard's backend: everything its pages show that is not drawing (no Streamlit here).
 
-``RunView`` is a ``QueryEngine`` plus what depends only on the run (PCA map, score totals, the
-validation mosaic, thumbnails) and the validation-pair search; the dashboard opens one per run and
-shares it between sessions.
+``RunView`` is a run's stored results (``RunData``) plus what depends only on the run (PCA map,
+score totals, the validation mosaic, thumbnails) and the validation-pair search; the dashboard
+opens one per run and shares it between sessions. New queries and searches by meaning go to a
+``QueryEngine`` made on first use: opening a run imports neither torch nor open_clip.
 """
 
 from __future__ import annotations
@@ -10,23 +11,49 @@ from __future__ import annotations
 import base64
 import functools
 import io
+import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
+from engine.attribution.summaries import top_rows
 from engine.data.images import open_image
 from engine.errors import RunError
-from engine.explore.query import QueryEngine
+from engine.explore.results import QueryResult
+from engine.explore.run_data import RunData
 from engine.search.faiss_ops import nearest
 from engine.search.run_indexes import load_index
 
 THUMB = 160  # largest side of a card's inline image
+if TYPE_CHECKING:
+    from engine.explore.query import QueryEngine
+
+RANKED = 50  # the most and least of a per-pair array kept sorted (the largest k shown)
 PIXELATED_BELOW = 128  # smaller images are upscaled without smoothing (crisp demo shapes)
-MAP_POINTS = 1500  # training pairs drawn in the plots besides the shown ones
 
 
-class RunView(QueryEngine):
+class RunView(RunData):
     """A run as the dashboard shows it."""
+
+    @classmethod
+    def load(cls, run: str | os.PathLike) -> RunView:
+        return cls(run)
+
+    @functools.cached_property
+    def engine(self) -> QueryEngine:
+        """The run's query engine (checkpoints load on its first query), made on first use."""
+        from engine.explore.query import QueryEngine
+
+        return QueryEngine.load(self.run)
+
+    def query(self, image: Image.Image, caption: str, k: int = 10) -> QueryResult:
+        """A new image and caption's influencers (``QueryEngine.query``)."""
+        return self.engine.query(image, caption, k)
+
+    def embed_text(self, text: str) -> np.ndarray:
+        """(M*d,) ensemble CLIP text embedding of a free text (``QueryEngine.embed_text``)."""
+        return self.engine.embed_text(text)
 
     def thumbnail(self, rel: str) -> str:
         """An ``<img>`` tag with the pair's image inline (a data URI, at most THUMB pixels).
@@ -36,24 +63,18 @@ class RunView(QueryEngine):
         return thumbnail_tag(self.image_ref(rel))
 
     @functools.cached_property
-    def pca(self) -> np.ndarray:
-        """(n_train, 2) PCA of the training image embeddings (numpy SVD), for the 2-D map."""
-        x = self.train_image_emb - self.train_image_emb.mean(axis=0)
-        _, _, vt = np.linalg.svd(x, full_matrices=False)
-        return (x @ vt[:2].T).astype(np.float32)
+    def _pca(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and first two principal axes of the training image embeddings, fitted on the
+        plots' sample (numpy SVD): the same map for every selection, at any training size."""
+        x = np.asarray(self.train_image_emb[self.map_sample], dtype=np.float64)
+        mean = x.mean(axis=0)
+        _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+        return mean, vt[:2]
 
-    @functools.cached_property
-    def train_ids(self) -> list[str]:
-        return [str(r["id"]) for r in self.train]
-
-    @functools.cached_property
-    def map_sample(self) -> np.ndarray:
-        """Sorted rows of at most ``MAP_POINTS`` training pairs, drawn once per run (seeded):
-        the plots' background, the same for every selection and session."""
-        n = len(self.train)
-        if n <= MAP_POINTS:
-            return np.arange(n)
-        return np.sort(np.random.default_rng(0).choice(n, MAP_POINTS, replace=False))
+    def map_coordinates(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), 2) float32 the map (PCA) coordinates of some training images."""
+        mean, axes = self._pca
+        return ((np.asarray(self.train_image_emb[rows]) - mean) @ axes.T).astype(np.float32)
 
     @functools.cached_property
     def val_mosaic(self) -> Image.Image:
@@ -66,13 +87,19 @@ class RunView(QueryEngine):
         return mosaic
 
     @functools.cached_property
+    def ranked_totals(self) -> tuple[np.ndarray, np.ndarray]:
+        """The ``RANKED`` training rows of the highest and of the lowest score totals."""
+        return top_rows(self.total_scores, RANKED), top_rows(-self.total_scores, RANKED)
+
+    @functools.cached_property
+    def ranked_suspects(self) -> np.ndarray:
+        """The ``RANKED`` most suspect training rows (the run must have a suspect ranking)."""
+        return top_rows(self.suspect, RANKED)
+
+    @property
     def total_scores(self) -> np.ndarray:
         """(n_train,) sum of each training pair's scores over the whole validation set."""
-        scores = self.scores
-        total = np.zeros(scores.shape[0], dtype=np.float64)
-        for s in range(0, scores.shape[0], 4096):  # row blocks: bounded memory on big runs
-            total[s : s + 4096] = np.asarray(scores[s : s + 4096], dtype=np.float64).sum(axis=1)
-        return total.astype(np.float32)
+        return self.scores.totals
 
     @functools.cached_property
     def _val_indexes(self) -> dict[str, object] | None:

@@ -13,7 +13,10 @@ from typing import Any
 
 from engine import files
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Versions this trakview opens: 1 lacks the per-pair summaries of the scores (they are
+# computed from scores.npy when a run of version 1 is read) and the top-k form.
+READABLE_VERSIONS = (1, 2)
 SPLITS = ("train", "val")
 MODALITIES = ("image", "text")
 TARGETS = "val"  # traker's experiment name of the validation targets (trak/m/val_grads.mmap)
@@ -26,6 +29,14 @@ SKIPPED = "skipped.jsonl"
 SCORES = "scores.npy"
 TOPK_POS = "topk_pos.npy"
 TOPK_NEG = "topk_neg.npy"
+TOPK_POS_SCORES = "topk_pos_scores.npy"
+TOPK_NEG_SCORES = "topk_neg_scores.npy"
+SCORE_HIST = "val_score_hist.npy"
+SCORE_RANGE = "val_score_range.npy"
+SIMILAR = "val_similar.npy"
+SIMILAR_SCORES = "val_similar_scores.npy"
+TRAIN_SCORE_SUM = "train_score_sum.npy"
+TRAIN_NEGATIVE_MASS = "train_negative_mass.npy"
 SELF_INFLUENCE = "train_self_influence.npy"
 SUSPECT = "suspect_mislabeled.npy"
 INDEX_META = "index.json"
@@ -48,6 +59,14 @@ FILE_NAMES = (
     SCORES,
     TOPK_POS,
     TOPK_NEG,
+    TOPK_POS_SCORES,
+    TOPK_NEG_SCORES,
+    SCORE_HIST,
+    SCORE_RANGE,
+    SIMILAR,
+    SIMILAR_SCORES,
+    TRAIN_SCORE_SUM,
+    TRAIN_NEGATIVE_MASS,
     SELF_INFLUENCE,
     SUSPECT,
     INDEX_META,
@@ -144,6 +163,46 @@ class RunLayout:
     def topk_neg(self) -> Path:
         """(n_val, K) int32 rows of the K most negative training pairs, strongest first."""
         return self.root / TOPK_NEG
+
+    @property
+    def topk_pos_scores(self) -> Path:
+        """(n_val, K) float32 scores of ``topk_pos``'s rows."""
+        return self.root / TOPK_POS_SCORES
+
+    @property
+    def topk_neg_scores(self) -> Path:
+        """(n_val, K) float32 scores of ``topk_neg``'s rows."""
+        return self.root / TOPK_NEG_SCORES
+
+    @property
+    def score_hist(self) -> Path:
+        """(n_val, B) int64 counts of each validation pair's scores in B equal bins."""
+        return self.root / SCORE_HIST
+
+    @property
+    def score_range(self) -> Path:
+        """(n_val, 2) float32 lowest and highest score of each validation pair (the bins' ends)."""
+        return self.root / SCORE_RANGE
+
+    @property
+    def similar(self) -> Path:
+        """(n_val, K) int32 training rows most similar to each validation image (CLIP)."""
+        return self.root / SIMILAR
+
+    @property
+    def similar_scores(self) -> Path:
+        """(n_val, K) float32 their mean cosine similarities."""
+        return self.root / SIMILAR_SCORES
+
+    @property
+    def train_score_sum(self) -> Path:
+        """(n_train,) float32 each training pair's scores summed over the validation pairs."""
+        return self.root / TRAIN_SCORE_SUM
+
+    @property
+    def train_negative_mass(self) -> Path:
+        """(n_train,) float32 the sum of its negative scores (how much it hurts, in all)."""
+        return self.root / TRAIN_NEGATIVE_MASS
 
     @property
     def self_influence(self) -> Path:
@@ -256,6 +315,16 @@ class RunLayout:
     def image_cache(self) -> Path:
         """May be deleted: images extracted from WebDataset shards for the dashboard, exports."""
         return self.root / "cache" / "images"
+
+    @property
+    def baskets_dir(self) -> Path:
+        """Named baskets of training pairs (``engine.curate``): the only thing the dashboard
+        writes, on an explicit save."""
+        return self.root / "baskets"
+
+    def basket(self, name: str) -> Path:
+        """One basket: ``baskets/NAME.json`` (``name`` already checked to be a safe file stem)."""
+        return self.baskets_dir / f"{name}.json"
 
     @property
     def eval_dir(self) -> Path:

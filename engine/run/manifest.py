@@ -15,7 +15,7 @@ from typing import Any
 from engine import files
 from engine.attribution.settings import BuildConfig
 from engine.errors import RunError
-from engine.run.layout import FORMAT_VERSION, RunLayout
+from engine.run.layout import FORMAT_VERSION, READABLE_VERSIONS, RunLayout
 
 
 @dataclass
@@ -85,6 +85,11 @@ class Manifest:
         return [Path(run) / c.path for c in self.checkpoints]
 
     @property
+    def dense(self) -> bool:
+        """The run keeps every score (``scores.npy``); else only the top-k form."""
+        return self.config.scores == "dense"
+
+    @property
     def projected_with_fast_jl(self) -> bool:
         """traker's CudaProjector (fast_jl) made the features: new queries need CUDA."""
         return "fast_jl" in (self.projection or "")
@@ -119,10 +124,11 @@ def open_manifest(run: str | os.PathLike) -> Manifest:
         raise RunError(f"{layout.root} has no manifest.json: {hint}")
     doc = files.read_json(layout.manifest)
     version = doc.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise RunError(
-            f"run {layout.root} has format version {version}, this trakview reads version "
-            f"{FORMAT_VERSION}; rebuild it with this version's `trakview build`"
+            f"run {layout.root} has format version {version}, this trakview reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}; rebuild it with this version's "
+            "`trakview build`"
         )
     return Manifest.from_json(doc)
 
@@ -135,6 +141,8 @@ def summary(manifest: Manifest) -> str:
         f"pairs        {counts.n_train} train, {counts.n_val} val",
         f"TRAK         proj_dim {counts.proj_dim}, grad params {cfg.grad_params}, "
         f"simulated batch {cfg.sim_batch_size}, device {cfg.device}",
+        f"scores       {cfg.scores}: top {cfg.topk} per validation pair and sign"
+        + (", every score in scores.npy" if manifest.dense else ", no scores.npy"),
     ]
     for m, cond in enumerate(manifest.conditioning):
         lines.append(

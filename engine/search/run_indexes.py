@@ -25,14 +25,16 @@ from engine.search.faiss_ops import IndexConfig, build_index, to_device, trak_ve
 log = logging.getLogger(__name__)
 
 INDEX_FORMAT = 1
-TRAK_INDEX = "trak"
 EMBEDDING_INDEXES = {
     "train_image": ("train", "image"),
     "train_text": ("train", "text"),
     "val_image": ("val", "image"),
     "val_text": ("val", "text"),
 }
-INDEX_NAMES = (TRAK_INDEX, *EMBEDDING_INDEXES)
+# The build's indexes: CLIP neighbours. TRAK vectors are not indexed: a new query reads every
+# training pair's features (engine.explore.scores), exactly, at the speed of a read of them
+# (bench_scale); ``trak_train_vectors`` gives them to a notebook that wants an index.
+INDEX_NAMES = tuple(EMBEDDING_INDEXES)
 
 
 def _n_checkpoints(run: Path) -> int:
@@ -80,9 +82,7 @@ def trak_query_vectors(
     return np.concatenate([files.load_npy(p) for p in paths], axis=1).astype(np.float32)
 
 
-def _sources(run: Path, name: str, n_models: int) -> list[Path]:
-    if name == TRAK_INDEX:
-        return _trak_paths(run, n_models)
+def _sources(run: Path, name: str) -> list[Path]:
     return [RunLayout(run).embeddings(*EMBEDDING_INDEXES[name])]
 
 
@@ -98,33 +98,16 @@ def _stamp(run: Path, paths: Sequence[Path]) -> list[dict[str, Any]]:
     ]
 
 
-def _vectors(run: Path, name: str, n_models: int) -> np.ndarray:
-    if name == TRAK_INDEX:
-        return trak_train_vectors(run, n_models)
+def _vectors(run: Path, name: str) -> np.ndarray:
     path = RunLayout(run).embeddings(*EMBEDDING_INDEXES[name])
     return np.ascontiguousarray(files.load_npy(path), dtype=np.float32)
 
 
-def _recall_queries(
-    run: Path, name: str, cfg: IndexConfig, n_models: int
-) -> tuple[np.ndarray | None, str]:
-    """Realistic queries for measuring an approximate index's recall@10.
-
-    TRAK: the stored val target gradients, each as +q and -q (the two searches
-    ``top_influencers`` makes). Embeddings: the other split's image and text embeddings (a val
-    pair looks for similar training pairs). None when the run holds none.
-    """
+def _recall_queries(run: Path, name: str, cfg: IndexConfig) -> tuple[np.ndarray | None, str]:
+    """Realistic queries for measuring an approximate index's recall@10: the other split's
+    image and text embeddings (a val pair looks for similar training pairs); None when the run
+    holds none."""
     rng = np.random.default_rng(cfg.seed)
-    if name == TRAK_INDEX:
-        try:
-            targets = trak_query_vectors(run, n_models=n_models)  # (n_val, M*k)
-        except RunError:
-            return None, ""
-        half = min(len(targets), max(1, cfg.recall_queries // 2))
-        rows = np.sort(rng.choice(len(targets), half, replace=False))
-        return np.vstack([targets[rows], -targets[rows]]), (
-            f"{half} val target gradients, each as +q and -q"
-        )
     split, _ = EMBEDDING_INDEXES[name]
     other = "val" if split == "train" else "train"
     pool = [
@@ -150,7 +133,6 @@ def build_run_indexes(
     recall_queries: int = 200,
     seed: int = 0,
     overwrite: bool = False,
-    n_models: int | None = None,
 ) -> dict[str, Any]:
     """Builds the run's search indexes under ``RUN/index/`` and describes them in index.json.
 
@@ -164,16 +146,13 @@ def build_run_indexes(
         recall_queries: sample queries for the recall measurement.
         seed: seeds k-means and the query sample.
         overwrite: rebuild every index even if it is up to date.
-        n_models: the run's number of checkpoints; given by the build, which indexes the run
-            before writing its manifest (default: read from the manifest of a finished run).
 
     Returns:
         The content of index.json: ``{"format_version", "faiss_version", "indexes": {name: info}}``.
     """
     run = Path(run)
     cfg = IndexConfig(approx_threshold, nlist, recall_target, recall_queries, 64, seed)
-    n_models = _n_checkpoints(run) if n_models is None else n_models
-    _require(run, [p for name in INDEX_NAMES for p in _sources(run, name, n_models)], "indexes")
+    _require(run, [p for name in INDEX_NAMES for p in _sources(run, name)], "indexes")
     meta_path = RunLayout(run).index_meta
     meta: dict[str, Any] = {"format_version": INDEX_FORMAT, "indexes": {}}
     if meta_path.is_file() and not overwrite:
@@ -183,7 +162,7 @@ def build_run_indexes(
     meta["faiss_version"] = faiss.__version__
     built = 0
     for name in INDEX_NAMES:
-        sources = _stamp(run, _sources(run, name, n_models))
+        sources = _stamp(run, _sources(run, name))
         n = _n_rows(run, name)
         spec = _spec(cfg, n)
         have = meta["indexes"].get(name, {})
@@ -194,10 +173,8 @@ def build_run_indexes(
         ):
             log.info("index %s is up to date", name)
             continue
-        queries, desc = (
-            _recall_queries(run, name, cfg, n_models) if n > approx_threshold else (None, "")
-        )
-        index, info = build_index(_vectors(run, name, n_models), cfg, queries, desc)
+        queries, desc = _recall_queries(run, name, cfg) if n > approx_threshold else (None, "")
+        index, info = build_index(_vectors(run, name), cfg, queries, desc)
         files.save_faiss_index(RunLayout(run).index(name), index)
         meta["indexes"][name] = {
             "file": RunLayout(run).index(name).name,
@@ -214,11 +191,7 @@ def build_run_indexes(
 
 
 def _n_rows(run: Path, name: str) -> int:
-    path = (
-        RunLayout(run).trak_features(0)
-        if name == TRAK_INDEX
-        else RunLayout(run).embeddings(*EMBEDDING_INDEXES[name])
-    )
+    path = RunLayout(run).embeddings(*EMBEDDING_INDEXES[name])
     return int(files.load_npy(path, mmap=True).shape[0])
 
 

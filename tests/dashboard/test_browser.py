@@ -198,3 +198,61 @@ def test_trust_banner_only_where_the_model_is_at_chance(page, server, untrained_
         alert = page.wait_for_selector(banner)
         assert "Attributions: no signal." in alert.inner_text()
         page.screenshot(path=str(tmp_path / "no-signal.png"))
+
+
+# --- the basket: add from a card, see the predicted effect, download the cleaned CSV ---
+
+
+def csv_sourced_copy(run_dir: Path, folder: Path) -> Path:
+    """The session's run copied to ``folder/run`` (same depth: its relative paths resolve), as if
+    built from open_clip_train CSVs (``run.toml`` names ``data/{train,val}.csv``)."""
+    import shutil
+
+    from engine.files import read_jsonl
+    from engine.run.invocation import write_toml
+    from engine.run.layout import RunLayout
+
+    run = folder / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("eval", "baskets"))
+    layout = RunLayout(run)
+    listings = {}
+    for split in ("train", "val"):
+        listing = folder / "data" / f"{split}.csv"
+        listing.parent.mkdir(exist_ok=True)
+        with open(listing, "w", newline="") as fh:
+            writer = csv.writer(fh, delimiter="\t")
+            writer.writerow(["id", "filepath", "title"])
+            for rec in read_jsonl(layout.pairs(split)):
+                writer.writerow([rec["id"], (run / rec["image"]).resolve(), rec["caption"]])
+        listings[f"{split}_data"] = str(listing)
+    write_toml(layout.run_toml, listings, run, "test: the run as built from CSVs")
+    return run
+
+
+def test_basket_from_a_card_to_the_cleaned_csv(page, run_dir, arrays, tmp_path):
+    run = csv_sourced_copy(run_dir, tmp_path)
+    j, train = 3, arrays["train"]
+    i = int(np.argsort(-arrays["scores"][:, j], kind="stable")[0])
+    with serving(run, tmp_path / "serve.log") as url:
+        page.goto(f"{url}/?val={arrays['val'][j]['id']}")
+        card = f'[data-testid="stColumn"]:has(.st-key-ex-pos-open-{i})'
+        wait_images(page, f"{card} img", 1)
+        page.locator(f".st-key-ex-pos-open-{i} button").first.click()
+        dialog = page.get_by_role("dialog")
+        dialog.get_by_label("Why").fill("dominates its concept")
+        dialog.get_by_role("button", name="Add to basket").click()
+        dialog.get_by_text("1 of 1 pairs added to basket").wait_for()
+        page.goto(f"{url}/basket")
+        page.get_by_text("Removing 1 pair should").wait_for()
+        delta = -arrays["scores"][i].astype(np.float64)
+        page.get_by_text(f"{delta.mean():+.4f}", exact=True).first.wait_for()
+        wait_images(page, '[data-testid="stColumn"]:has([data-testid="stPageLink"]) img', 8)
+        page.screenshot(path=str(tmp_path / "basket.png"), full_page=True)
+        with page.expect_download(timeout=WAIT_MS) as info:
+            page.get_by_role("button", name="Cleaned train.csv").click()
+        path = tmp_path / "cleaned.csv"
+        info.value.save_as(path)
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    assert [r["id"] for r in rows] == [r["id"] for n, r in enumerate(train) if n != i]
+    assert rows[0]["title"] == train[0 if i else 1]["caption"]

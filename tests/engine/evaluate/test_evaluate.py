@@ -16,9 +16,10 @@ from engine.cli import app
 from engine.cli.eval_cmds import train_config
 from engine.errors import EvalError, EvalMismatchError
 from engine.evaluate import retrain
-from engine.evaluate.lds import LdsConfig, evaluate_lds, read_lds
+from engine.evaluate.lds import LdsConfig, evaluate_lds
 from engine.evaluate.methods import METHODS, store_trak_scores
 from engine.evaluate.removal import RemoveConfig, evaluate_removal
+from engine.evaluate.results import read_lds
 from engine.files import load_npy, read_json, read_jsonl
 from engine.models.checkpoints import load_into
 from engine.models.factory import create

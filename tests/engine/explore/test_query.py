@@ -89,7 +89,7 @@ def test_incomplete_or_foreign_runs_are_refused(run_dir, tmp_path):
     old = tmp_path / "old"
     old.mkdir()
     (old / "manifest.json").write_text(json.dumps({"format_version": 0}))
-    with pytest.raises(RunError, match="format version 0, this trakview reads version 1"):
+    with pytest.raises(RunError, match="format version 0, this trakview reads versions 1, 2"):
         QueryEngine.load(old)
 
 

@@ -17,7 +17,10 @@ from engine.files import read_json, save_npy
 from engine.run.layout import RunLayout
 from engine.run.manifest import Counts, Manifest, write_manifest
 from engine.search.faiss_ops import (
+    IndexConfig,
+    build_index,
     faiss_threads,
+    flat_index,
     nearest,
     recall_at_k,
     search,
@@ -72,16 +75,15 @@ def test_trak_vectors_follow_trakers_formula():
         trak_vectors([f0, f1], [o0])
 
 
-def test_trak_index_gives_brute_force_influencers_and_the_runs_scores(built):
+def test_an_index_of_trak_vectors_gives_brute_force_influencers_and_the_runs_scores(built):
     run, meta = built
     n_models = read_json(RunLayout(run).manifest)["counts"]["n_checkpoints"]
     vectors, targets = _trak_arrays(run, n_models)
     scores = np.load(RunLayout(run).scores)  # (n_train, n_val)
     np.testing.assert_allclose(trak_train_vectors(run), vectors, rtol=1e-6)
     np.testing.assert_allclose(trak_query_vectors(run), targets, rtol=1e-6)
-    assert meta["indexes"]["trak"]["kind"] == "flat-ip"
-    assert meta["indexes"]["trak"]["dim"] == targets.shape[1]
-    trak = load_index(run, "trak")
+    assert "trak" not in meta["indexes"]  # queries scan the features: no index is built
+    trak = flat_index(trak_train_vectors(run))
     assert trak.ntotal == scores.shape[0]
     scale = float(np.abs(scores).max())
     for j in range(targets.shape[0]):
@@ -156,8 +158,10 @@ def test_approximate_index_records_its_measured_recall(tmp_path):
     meta = build_run_indexes(run, approx_threshold=10_000)
     on_disk = read_json(RunLayout(run).index_meta)
     assert on_disk == meta
-    for name in ("trak", "train_image", "train_text"):
-        info = on_disk["indexes"][name]
+    vectors, targets = _trak_arrays(run, 2)
+    queries = np.vstack([targets, -targets])
+    _, trak_info = build_index(vectors, IndexConfig(approx_threshold=10_000), queries, "val ±q")
+    for info in (on_disk["indexes"]["train_image"], on_disk["indexes"]["train_text"], trak_info):
         assert info["kind"] == "ivf-flat-ip" and info["n"] == 50_000
         params = info["params"]
         # truly approximate: fewer lists scanned than exist, and recall measured, not assumed
@@ -165,19 +169,16 @@ def test_approximate_index_records_its_measured_recall(tmp_path):
         assert params["nprobe"] < params["nlist"]
         assert 0.9 <= info["recall_at_10"] <= 1.0
         assert info["recall_queries"]
-    assert "val target gradients" in on_disk["indexes"]["trak"]["recall_queries"]
     assert on_disk["indexes"]["val_image"]["kind"] == "flat-ip"
 
     # an independent recall on all val targets (+q and -q) agrees with the recorded one
-    ivf = load_index(run, "trak")
-    assert faiss.extract_index_ivf(ivf).nprobe == on_disk["indexes"]["trak"]["params"]["nprobe"]
-    vectors, targets = _trak_arrays(run, 2)
-    queries = np.vstack([targets, -targets])
+    ivf, _ = build_index(vectors, IndexConfig(approx_threshold=10_000), queries, "val ±q")
+    assert faiss.extract_index_ivf(ivf).nprobe == trak_info["params"]["nprobe"]
     brute = queries @ vectors.T  # (2 n_val, n_train)
     truth = np.argsort(-brute, axis=1)[:, :K]
     hits = _recall(search(ivf, queries, K)[1], truth)
     assert hits >= 0.9
-    assert abs(hits - on_disk["indexes"]["trak"]["recall_at_10"]) < 0.05
+    assert abs(hits - trak_info["recall_at_10"]) < 0.05
     # the tuner picks the smallest power-of-two nprobe reaching the target, and says its recall
     nprobe, recall = tune_nprobe(faiss.extract_index_ivf(ivf), queries, truth, 0.97)
     assert recall == pytest.approx(_recall(search(ivf, queries, K)[1], truth))
@@ -223,34 +224,30 @@ def test_build_is_idempotent_and_follows_changed_sources(run_dir, tmp_path):
     assert ids[0, 0] == 5
 
     # a rebuild from scratch is deterministic
-    before = search(load_index(run, "trak"), np.ones((2, first["indexes"]["trak"]["dim"])), K)
+    probe = np.ones((2, first["indexes"]["train_image"]["dim"]))
+    before = search(load_index(run, "train_image"), probe, K)
     build_run_indexes(run, overwrite=True)
     assert all(_mtimes(run)[k] != stamps[k] for k in stamps if k != "train_text.faiss")
-    after = search(load_index(run, "trak"), np.ones((2, first["indexes"]["trak"]["dim"])), K)
+    after = search(load_index(run, "train_image"), probe, K)
     np.testing.assert_array_equal(before[1], after[1])
 
 
 def test_missing_arrays_are_named_with_the_fix(run_dir, tmp_path):
     run = _copy(run_dir, tmp_path / "run")
     with pytest.raises(RunError, match=r"index\.json.*`trakview build`"):
-        load_index(run, "trak")
+        load_index(run, "train_image")
     os.unlink(RunLayout(run).trak_features(1))
     with pytest.raises(RunError, match=r"trak/1/features\.mmap.*run `trakview build`"):
-        build_run_indexes(run)
-    with pytest.raises(RunError, match=r"trak/1/features\.mmap"):
         trak_train_vectors(run)
-    assert not RunLayout(run).index_dir.exists()  # checked before anything was built
     os.unlink(RunLayout(run).embeddings("val", "image"))
-    with pytest.raises(RunError, match=r"features\.mmap, val_image_emb\.npy.*`trakview"):
+    with pytest.raises(RunError, match=r"val_image_emb\.npy.*`trakview"):
         build_run_indexes(run)
-    os.unlink(RunLayout(run).manifest)
-    with pytest.raises(RunError, match="no manifest.json"):
-        build_run_indexes(run)
+    assert not RunLayout(run).index_dir.exists()  # checked before anything was built
 
 
 def test_search_helpers_check_their_input(built):
     run, _ = built
-    trak = load_index(run, "trak")
+    trak = flat_index(trak_train_vectors(run))
     q = np.ones(trak.d, dtype=np.float32)
     with pytest.raises(ValueError, match=rf"expected vectors of shape \(n, {trak.d}\).*\(3,\)"):
         search(trak, np.ones(3), K)
@@ -272,9 +269,9 @@ def test_search_helpers_check_their_input(built):
 @pytest.mark.skipif(faiss.get_num_gpus() > 0, reason="checks the fallback of a machine without GPU")
 def test_cuda_request_without_gpu_stays_on_cpu(built, caplog):
     run, _ = built
-    with caplog.at_level(logging.WARNING, logger="engine.index"):
-        trak = load_index(run, "trak", device="cuda")
-    assert isinstance(trak, faiss.IndexFlatIP)
+    with caplog.at_level(logging.WARNING, logger="engine.search.faiss_ops"):
+        index = load_index(run, "train_image", device="cuda")
+    assert isinstance(index, faiss.IndexFlatIP)
     assert "faiss sees no GPU" in caplog.text
 
 
@@ -282,10 +279,10 @@ def test_cuda_request_without_gpu_stays_on_cpu(built, caplog):
 @pytest.mark.skipif(faiss.get_num_gpus() == 0, reason="needs faiss with a GPU")
 def test_gpu_index_gives_the_cpu_results(built):
     run, _ = built
-    queries = trak_query_vectors(run)
-    cpu = search(load_index(run, "trak"), queries, K)
-    gpu = search(load_index(run, "trak", device="cuda"), queries, K)
-    assert "Gpu" in type(load_index(run, "trak", device="cuda")).__name__
+    queries = np.load(RunLayout(run).embeddings("val", "image"))
+    cpu = search(load_index(run, "train_image"), queries, K)
+    gpu = search(load_index(run, "train_image", device="cuda"), queries, K)
+    assert "Gpu" in type(load_index(run, "train_image", device="cuda")).__name__
     np.testing.assert_array_equal(cpu[1], gpu[1])
     np.testing.assert_allclose(cpu[0], gpu[0], rtol=1e-4, atol=1e-6)
 
