@@ -229,11 +229,14 @@ def main() -> None:
         help="make: build the runs and cost them (kept in --work); measure: time queries and "
         "the dashboard on the kept runs (on a quiet machine), then write the table",
     )
+    parser.add_argument(
+        "--remeasure", action="store_true", help="measure runs measured before again"
+    )
     args = parser.parse_args()
     saved = args.work / "results.json"
     results = json.loads(saved.read_text()) if saved.exists() else []
     if args.phase != "measure":
-        sizes = [int(x) for x in args.sizes.split(",")]
+        sizes = [int(x) for x in args.sizes.split(",") if x]
         # runs made before (another --sizes) are kept; those remade now are replaced
         results = [r for r in results if r["n_train"] not in sizes and "synthetic" in r["run"]]
         for n in sizes:
@@ -270,9 +273,11 @@ def main() -> None:
     if args.phase == "make":
         return
     for result in results:
+        if "query_s" in result and not args.remeasure:
+            continue  # measured by an earlier --phase measure
         result.update(measure(Path(result["path"])))
         print(json.dumps(result), flush=True)
-    (args.work / "results.json").write_text(json.dumps(results, indent=2))
+        saved.write_text(json.dumps(results, indent=2))
     table = md_table(
         (
             "run",
