@@ -109,3 +109,24 @@ def test_keyed_projection_is_the_same_on_cuda_and_cpu(sketch_dim):
         projector = KeyedProjector(shapes, token, 64, seed=1, device=device, sketch_dim=sketch_dim)
         out[device] = projector.project(g, model_id=0).cpu()
     torch.testing.assert_close(out["cuda"], out["cpu"], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("projector", ["factored", "factored-bf16"])
+def test_factored_build_on_cuda_matches_cpu_and_its_queries(
+    tmp_path, pairs, checkpoints, projector
+):
+    """--projector factored on CUDA: the same projection as on CPU (float32: scores agree;
+    bfloat16 autocast: close), and a new query on CUDA reproduces a stored column."""
+    cfg = BuildConfig(
+        checkpoints=[str(p) for p in checkpoints], topk=20, projector=projector, device="cuda"
+    )
+    run = build(*pairs, cfg, tmp_path / "cuda")
+    scores = np.load(run / "scores.npy")
+    assert np.isfinite(scores).all()
+    cpu_cfg = BuildConfig(checkpoints=cfg.checkpoints, topk=20, projector="factored")
+    cpu = np.load(build(*pairs, cpu_cfg, tmp_path / "cpu") / "scores.npy")
+    assert _min_column_corr(scores, cpu) > (0.99 if projector == "factored" else 0.9)
+    engine = QueryEngine.load(run, device="cuda")
+    rec = engine.val[3]
+    result = engine.query(run / rec["image"], rec["caption"], k=10)
+    assert np.corrcoef(result.scores, scores[:, 3])[0, 1] >= 0.99

@@ -299,3 +299,73 @@ def test_factored_build_is_deterministic_resumable_recorded_and_queried_alike(
         assert np.corrcoef(column[:, j], result.scores)[0, 1] >= 0.999
         top = list(np.argsort(-column[:, j], kind="stable")[:10])
         assert [c.index for c in result.positive] == top
+
+
+def _resnet_and_convnext_clips() -> dict[str, torch.nn.Module]:
+    from open_clip.model import CLIP
+
+    text = dict(context_length=16, vocab_size=100, width=32, heads=2, layers=1)
+    torch.manual_seed(0)
+    resnet = dict(layers=(1, 1, 1, 1), width=8, image_size=32, head_width=8)
+    convnext = dict(  # a timm tower, as open_clip's convnext_* models
+        timm_model_name="convnext_atto",
+        timm_model_pretrained=False,
+        timm_pool="",
+        timm_proj="linear",
+        image_size=32,
+    )
+    return {
+        "resnet": CLIP(embed_dim=16, vision_cfg=resnet, text_cfg=text).eval(),
+        "convnext": CLIP(embed_dim=16, vision_cfg=convnext, text_cfg=text).eval(),
+    }
+
+
+@pytest.mark.parametrize("tower", ["resnet", "convnext"])
+def test_resnet_and_convnext_towers_factor_their_convolutions_exactly(tower):
+    """ModifiedResNet: convolutions and attention-pool projections factored, batch norms exact;
+    timm ConvNeXt: stem, downsampling, MLPs and head factored, depthwise convolutions exact. For
+    every weight, the factored block = kron(P_r, P_c) vec(autograd gradient), the rest =
+    autograd's."""
+    model = _resnet_and_convnext_clips()[tower]
+    names = select_parameters(model, "all")
+    blocks = factored_layout(model, names, proj_dim=64)
+    convs = {
+        n
+        for n, m in model.visual.named_modules()
+        if isinstance(m, torch.nn.Conv2d) and m.groups == 1
+    }
+    depthwise = {
+        n
+        for n, m in model.visual.named_modules()
+        if isinstance(m, torch.nn.Conv2d) and m.groups > 1
+    }
+    assert convs and {f"visual.{n}.weight" for n in convs} <= set(blocks)
+    assert not {f"visual.{n}.weight" for n in depthwise} & set(blocks)
+    assert not any("bn" in n or "norm" in n or n.endswith("bias") for n in blocks)
+    if tower == "convnext":
+        assert depthwise  # ConvNeXt's 7x7 depthwise convolutions fall back
+        assert any(".mlp.fc1." in n for n in blocks) and "visual.head.proj.weight" in blocks
+    else:
+        assert {"visual.attnpool.q_proj.weight", "visual.attnpool.c_proj.weight"} <= set(blocks)
+    cfg = BuildConfig(checkpoints=["x"], proj_dim=64, projector="factored")
+    task = _task(30, 16, seed=2)
+    computer = gradient_computer_for(model, cfg, names)(
+        model=model, task=task, grad_dim=0, dtype=torch.float32, device="cpu", grad_wrt=names
+    )
+    gen = torch.Generator().manual_seed(3)
+    images = torch.randn(2, 3, 32, 32, generator=gen)
+    tokens = torch.randint(1, 100, (2, 16), generator=gen)
+    sim_idx = SimulatedBatch(30, 8, seed=0).for_train([4, 9], 0)
+    out = computer.compute_per_sample_grad((images, tokens, sim_idx))
+    for b in range(2):
+        grads = _autograd(model, names, task, images[b], tokens[b], sim_idx[b])
+        for name in blocks:
+            p_r, p_c = computer.factors.pair(name)
+            expected = torch.kron(p_r, p_c).double() @ grads[name].reshape(-1).double()
+            got = out["dense"][block_key(name)][b].reshape(-1).double()
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * expected.abs().max())
+        for name in computer.dense_names:
+            scale = grads[name].abs().max()
+            torch.testing.assert_close(
+                out["dense"][name][b], grads[name], rtol=1e-4, atol=1e-5 * scale + 1e-8
+            )
