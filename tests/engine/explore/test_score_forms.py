@@ -143,16 +143,18 @@ def test_every_form_opens_everywhere(
             app, ["export", str(run), "--val", "v0003", "--format", "csv", "--out", str(out)]
         )
         assert done.exit_code == 0 and out.is_file(), done.output
-    # eval: the same LDS from the top-k form as from the dense one (3 subsets, 2-epoch models)
+    # eval: the same LDS from the top-k form and format 1 as from the dense one (3 subsets,
+    # 2-epoch models)
     results = []
-    for run in (run_dir, topk_run):
+    for run in (run_dir, topk_run, version1_run):
         copy = tmp_path_factory.mktemp("eval") / "run"  # the depth of the run: paths hold
         shutil.copytree(run, copy)
         cfg = LdsConfig(subsets=3, methods=["trak", "random"], bootstrap=50)
         results.append(evaluate_lds(copy, cfg, TrainConfig(epochs=2, batch_size=60)))
-    assert results[0]["methods"]["trak"]["lds"] == pytest.approx(
-        results[1]["methods"]["trak"]["lds"], abs=1e-6
-    )
+    for other in results[1:]:
+        assert results[0]["methods"]["trak"]["lds"] == pytest.approx(
+            other["methods"]["trak"]["lds"], abs=1e-6
+        )
 
 
 def test_top_rows_is_a_stable_argsort():
