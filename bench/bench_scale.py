@@ -294,8 +294,8 @@ def main() -> None:
         [
             (
                 r["run"],
-                f"{r.get('scoring_s', float('nan')):.1f}",
-                f"{r.get('scoring_mib', float('nan')):.0f}",
+                f"{r['scoring_s']:.1f}" if "scoring_s" in r else "-",
+                f"{r['scoring_mib']:.0f}" if "scoring_mib" in r else "- (not measured)",
                 f"{r['disk_gib']:.2f}",
                 f"{r['dense_gib']:.1f}",
                 f"{r['query_s']:.2f}",

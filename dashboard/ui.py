@@ -297,8 +297,13 @@ def export_buttons(
             )
 
 
-def plot(fig: go.Figure, key: str) -> int | None:
-    """Draws a figure; returns a training row newly clicked on it (once per click)."""
+def plot(fig: go.Figure, key: str, clickable: bool = True) -> int | None:
+    """Draws a figure; returns a training row newly clicked on it (once per click). A figure
+    whose points open nothing (``clickable`` False) is drawn without selection handling or a
+    mode bar: less for the browser to do on every selection."""
+    if not clickable:
+        st.plotly_chart(fig, key=key, config={"displayModeBar": False})
+        return None
     event = st.plotly_chart(
         fig, key=key, on_select="rerun", selection_mode="points", config={"displaylogo": False}
     )
@@ -377,7 +382,7 @@ def influence_view(
     left, right = st.columns([1, 2])
     histogram, maps = figures or plots.result_figures(run, result, k)
     with left:
-        plot(histogram, f"{key}-hist")
+        plot(histogram, f"{key}-hist", clickable=False)
     with right:
         clicks.append(plot(maps, f"{key}-maps"))
     opened = first(clicks)

@@ -25,7 +25,7 @@ from engine.explore.trust import Verdict, run_verdict
 from engine.run.layout import RunLayout
 from engine.run.manifest import open_manifest
 
-MAP_POINTS = 1500  # training pairs drawn in the plots besides the shown ones
+MAP_POINTS = 800  # training pairs drawn in the plots besides the shown ones
 
 
 class RunData:

@@ -67,7 +67,6 @@ def test_names_rows_and_missing_baskets_are_refused_clearly(tmp_path):
         baskets.rows_of_ids(TRAIN, ["p001", "zz"])
 
 
-
 def test_a_run_that_cannot_be_written_refuses_clearly(tmp_path, monkeypatch):
     layout = RunLayout(tmp_path / "run")
     layout.root.mkdir()
@@ -79,6 +78,7 @@ def test_a_run_that_cannot_be_written_refuses_clearly(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", lambda path, mode: False)
     with pytest.raises(CurateError, match="no write permission"):
         baskets.add_rows(layout, "mis", TRAIN, [1], "", "card")
+
 
 ADDER = textwrap.dedent(
     """
