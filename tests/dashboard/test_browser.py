@@ -203,34 +203,8 @@ def test_trust_banner_only_where_the_model_is_at_chance(page, server, untrained_
 # --- the basket: add from a card, see the predicted effect, download the cleaned CSV ---
 
 
-def csv_sourced_copy(run_dir: Path, folder: Path) -> Path:
-    """The session's run copied to ``folder/run`` (same depth: its relative paths resolve), as if
-    built from open_clip_train CSVs (``run.toml`` names ``data/{train,val}.csv``)."""
-    import shutil
-
-    from engine.files import read_jsonl
-    from engine.run.invocation import write_toml
-    from engine.run.layout import RunLayout
-
-    run = folder / "run"
-    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("eval", "baskets"))
-    layout = RunLayout(run)
-    listings = {}
-    for split in ("train", "val"):
-        listing = folder / "data" / f"{split}.csv"
-        listing.parent.mkdir(exist_ok=True)
-        with open(listing, "w", newline="") as fh:
-            writer = csv.writer(fh, delimiter="\t")
-            writer.writerow(["id", "filepath", "title"])
-            for rec in read_jsonl(layout.pairs(split)):
-                writer.writerow([rec["id"], (run / rec["image"]).resolve(), rec["caption"]])
-        listings[f"{split}_data"] = str(listing)
-    write_toml(layout.run_toml, listings, run, "test: the run as built from CSVs")
-    return run
-
-
-def test_basket_from_a_card_to_the_cleaned_csv(page, run_dir, arrays, tmp_path):
-    run = csv_sourced_copy(run_dir, tmp_path)
+def test_basket_from_a_card_to_the_cleaned_csv(page, csv_run, arrays, tmp_path):
+    run = csv_run  # the session run as if built from CSVs (conftest)
     j, train = 3, arrays["train"]
     i = int(np.argsort(-arrays["scores"][:, j], kind="stable")[0])
     with serving(run, tmp_path / "serve.log") as url:
