@@ -16,6 +16,7 @@ from engine.cli.options import (
     IdKey,
     ImageRoot,
     ImgKey,
+    RunArg,
     Separator,
     Verbose,
     setup_logging,
@@ -27,7 +28,6 @@ basket_app = typer.Typer(
     "| import | effect | export.",
 )
 
-RunArg = Annotated[Path, typer.Argument(help="A run directory (trakview build / demo).")]
 NameArg = Annotated[str, typer.Argument(help="The basket's name (letters, digits, . _ -).")]
 Why = Annotated[str, typer.Option(help="Why these pairs go in (default: how they were chosen).")]
 Who = Annotated[str | None, typer.Option(help="Who adds them (default: your user name).")]

@@ -12,7 +12,7 @@ import typer
 
 from engine.cli import basket_cmds
 from engine.cli.basket_cmds import Controls, Ensembles, Measure, SplitSeed
-from engine.cli.options import Verbose, setup_logging
+from engine.cli.options import RunArg, Verbose, setup_logging
 
 eval_app = typer.Typer(
     no_args_is_help=True,
@@ -20,7 +20,6 @@ eval_app = typer.Typer(
     "remove | clean.",
 )
 
-RunArg = Annotated[Path, typer.Argument(help="A run directory (trakview build / demo).")]
 Seed = Annotated[
     int, typer.Option(help="Seed of the subsets / random removals, model seeds and bootstrap.")
 ]

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")]
+RunArg = Annotated[Path, typer.Argument(help="A run directory (trakview build / demo).")]
 
 
 def setup_logging(verbose: bool) -> None:
