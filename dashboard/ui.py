@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -364,10 +364,16 @@ def influence_view(
     k: int,
     key: str,
     query_image: Image.Image | None = None,
-    figures: tuple[go.Figure, go.Figure] | None = None,
+    figures: Callable[[], tuple[go.Figure, go.Figure]] | None = None,
+    plots_key: str | None = None,
 ) -> None:
-    """Galleries (helps / hurts / similar), export buttons and the score plots (``figures``:
-    ``plots.result_figures`` of the result, when the page has them cached)."""
+    """Galleries (helps / hurts / similar), export buttons and the score plots.
+
+    The plots sit in a section drawn only while it is open (``plots_key``, default
+    ``KEY-plots``, keeps it open or closed across selections): drawing them is most of what
+    the browser does on a selection (1.0 of 1.7 s, BENCHMARKS "Dashboard at scale").
+    ``figures`` makes them (``plots.result_figures`` of the result by default; a page passes
+    its cached ones)."""
     main, side = st.columns([4, 1], gap="medium")
     pos, neg = result.positive[:k], result.negative[:k]
     with main:
@@ -377,14 +383,21 @@ def influence_view(
         export_buttons(run, shown, key, query_image)
     with side:
         clicks.append(compact_list(run, result.similar[:k], "similar", f"{key}-sim"))
-    st.divider()
-    st.caption("Click a point to open that training pair.")
-    left, right = st.columns([1, 2])
-    histogram, maps = figures or plots.result_figures(run, result, k)
-    with left:
-        plot(histogram, f"{key}-hist", clickable=False)
-    with right:
-        clicks.append(plot(maps, f"{key}-maps"))
+    section = st.expander(
+        "Plots: the scores of all training pairs, influence vs. similarity, the map",
+        icon=":material/scatter_plot:",
+        key=plots_key or f"{key}-plots",
+        on_change="rerun",
+    )
+    if section.open:
+        with section:
+            st.caption("Click a point to open that training pair.")
+            left, right = st.columns([1, 2])
+            histogram, maps = figures() if figures else plots.result_figures(run, result, k)
+            with left:
+                plot(histogram, f"{key}-hist", clickable=False)
+            with right:
+                clicks.append(plot(maps, f"{key}-maps"))
     opened = first(clicks)
     if opened is not None:
         train_detail(run, opened)

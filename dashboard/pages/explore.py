@@ -54,8 +54,13 @@ with header:
         rec,
     )
     eval_view.pair_check(run.run, val_id, j)
-figures = state.val_figures(run, state.run_key(run), val_id, k)
-ui.influence_view(run, result, k, "ex", figures=figures)
+ui.influence_view(
+    run,
+    result,
+    k,
+    "ex",
+    figures=lambda: state.val_figures(run, state.run_key(run), val_id, k),
+)
 with st.expander("Put the training pairs that hurt this match in a basket"):
     lowest = result.negative[min(k, len(result.negative)) - 1].score if result.negative else 0.0
     basket_ui.threshold_form(run, j, val_id, default=lowest)

@@ -66,4 +66,4 @@ if RESULT_KEY in st.session_state:
         },
     )
     k = ui.k_input("up-k")
-    ui.influence_view(run, result, k, f"up-{digest[:8]}", query_image=image)
+    ui.influence_view(run, result, k, f"up-{digest[:8]}", query_image=image, plots_key="up-plots")

@@ -128,6 +128,13 @@ def test_deep_link_shows_the_influencers(page, server, arrays):
         wait_images(page, f'[data-testid="stColumn"]:has(.st-key-ex-pos-open-{i}) img', 1)
     wait_images(page, '[data-testid="stColumn"]:has([class*="st-key-ex-neg-open-"]) img', 6)
     assert f"val={val['id']}" in page.url
+    # the plots are drawn once their section is opened, not before
+    assert page.locator(".js-plotly-plot").count() == 0
+    page.locator(".st-key-ex-plots summary").click()
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.st-key-ex-plots .js-plotly-plot')]"
+        ".filter(p => p.querySelector('.main-svg')).length == 2"
+    )
 
 
 def test_search_by_text_then_select(page, server, arrays):

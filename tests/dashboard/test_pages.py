@@ -76,7 +76,14 @@ def test_explore_shows_a_pairs_influencers_in_score_order(run_dir, monkeypatch, 
     best = int(np.argmax(column))
     assert any(f"{column[best]:+.4f}" in m.value for m in at.markdown)
     assert [b.label for b in at.get("download_button")] == ["ZIP", "HTML", "PNG", "CSV"]
+    # the plots are drawn only while their section is open, and it stays open on a new pair
+    assert not at.get("plotly_chart")
+    at.session_state["ex-plots"] = True
+    at.run()
     assert len(at.get("plotly_chart")) == 2  # score histogram; influence vs similarity + map
+    at.button(key=f"pick-{val[1]['id']}").click().run()
+    assert header(at) == f"### “{val[1]['caption']}”"
+    assert len(at.get("plotly_chart")) == 2
 
 
 def test_explore_deep_link_k_and_picker(run_dir, monkeypatch, arrays):
@@ -169,6 +176,10 @@ def test_upload_runs_a_query(run_dir, monkeypatch, arrays):
     # the same image and caption as a stored validation pair: the same influencers as stored
     assert np.corrcoef(result.scores, arrays["scores"][:, j])[0, 1] > 0.99
     assert [b.label for b in at.get("download_button")] == ["ZIP", "HTML", "PNG", "CSV"]
+    assert not at.get("plotly_chart")
+    at.session_state["up-plots"] = True
+    at.run()
+    assert len(at.get("plotly_chart")) == 2 and not at.exception
     assert sorted(run_dir.rglob("*")) == files_before  # nothing written into the run
 
 
