@@ -201,9 +201,12 @@ def toggle_plots(page, val: dict, keys: list[str], plots: int, section: str = "e
 
 
 def full_height(page) -> None:
-    """Grows the viewport to the page's content: Streamlit scrolls inside its own container."""
+    """Grows the viewport to the page's content: Streamlit scrolls inside its own container
+    (scrolled back to the top first: opening the plots section scrolls it there)."""
     height = page.evaluate(
         """() => {
+            for (const el of document.querySelectorAll('*')) if (el.scrollTop) el.scrollTop = 0;
+            window.scrollTo(0, 0);
             const main = document.querySelector('[data-testid="stMainBlockContainer"]');
             return main.getBoundingClientRect().top + main.scrollHeight;
         }"""
