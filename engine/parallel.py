@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any
@@ -54,7 +55,7 @@ class Pool:
             max_workers=jobs,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_start_worker,
-            initargs=(threads, logging.getLogger().level, initializer, initargs),
+            initargs=(os.getpid(), threads, logging.getLogger().level, initializer, initargs),
         )
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
@@ -87,17 +88,32 @@ class Pool:
 
 
 def _start_worker(
+    parent: int,
     threads: int,
     log_level: int,
     initializer: Callable[..., None] | None,
     initargs: tuple[Any, ...],
 ) -> None:
+    watch = threading.Thread(
+        target=_exit_with_parent, args=(parent,), daemon=True, name="trakview-parent"
+    )
+    watch.start()
     import torch
 
     torch.set_num_threads(threads)
     logging.basicConfig(level=log_level or logging.WARNING)
     if initializer is not None:
         initializer(*initargs)
+
+
+def _exit_with_parent(parent: int, every: float = 1.0) -> None:
+    """Ends this worker once the process that started it is gone: a parent killed without the
+    chance to stop its pool (SIGKILL, SIGTERM, a crash) would otherwise leave its workers
+    training on as orphans. Nothing is lost: finished work was written atomically."""
+    while True:
+        time.sleep(every)
+        if os.getppid() != parent:
+            os._exit(1)
 
 
 _MAIN_LOCK = threading.RLock()
