@@ -16,7 +16,7 @@ import plotly.graph_objects as go
 import streamlit as st
 from PIL import Image
 
-from dashboard import basket_ui, plots, state
+from dashboard import basket_ui, plots
 from dashboard.plots import COLOUR, TITLE
 from engine.explore import export
 from engine.explore.results import Influencer, QueryResult
@@ -47,10 +47,6 @@ CSS = """<style>
 </style>"""
 
 
-VAL_KEY = "val_id"  # session key of the selected validation pair (the URL's ?val=)
-PICKER_PAGE = 12
-
-
 MARKDOWN_SPECIAL = set("\\`*_[]<>$#|~:{}")
 
 
@@ -58,70 +54,6 @@ def plain(text: object) -> str:
     """``text`` from the data or the user, shown as it is in Streamlit's markdown (no emphasis,
     links, HTML, math, colour directives or emoji codes)."""
     return "".join("\\" + ch if ch in MARKDOWN_SPECIAL else ch for ch in str(text))
-
-
-def choose_val(val_id: str) -> None:
-    """Callback: select a validation pair (runs before the page, so all of it sees the choice)."""
-    st.session_state[VAL_KEY] = val_id
-    st.query_params["val"] = val_id
-
-
-def _first_page() -> None:
-    st.session_state["picker-page"] = 1
-
-
-def val_picker(run: RunView, selected: str) -> None:
-    """Search box, random button and a paged thumbnail grid of validation pairs.
-
-    A click selects a pair through ``choose_val`` (``st.session_state[VAL_KEY]``).
-    """
-    st.subheader("Pick a validation pair")
-    text = st.text_input(
-        "Search",
-        placeholder="e.g. a red circle on the left",
-        key="picker-text",
-        on_change=_first_page,
-    )
-    mode = st.radio(
-        "Match",
-        ["meaning", "words"],
-        format_func={"meaning": "by meaning (CLIP)", "words": "words in caption"}.get,
-        horizontal=True,
-        key="picker-mode",
-        on_change=_first_page,
-        label_visibility="collapsed",
-    )
-    rows = state.search_val(run, state.run_key(run), text, mode)
-    ids = [str(run.val[j]["id"]) for j in rows]
-    st.button(
-        "Random pair",
-        icon=":material/casino:",
-        key="picker-random",
-        on_click=lambda: choose_val(str(np.random.default_rng().choice(ids or [selected]))),
-        width="stretch",
-    )
-    if not rows:
-        st.caption("No caption contains these words.")
-        return
-    n_pages = max(1, math.ceil(len(rows) / PICKER_PAGE))
-    page = int(
-        st.number_input(f"Page (of {n_pages}; {len(rows)} pairs)", 1, n_pages, 1, key="picker-page")
-    )
-    shown = rows[(page - 1) * PICKER_PAGE : page * PICKER_PAGE]
-    cols = st.columns(3)  # one row of columns filled in turn: fewer elements than a row each
-    for n, j in enumerate(shown):
-        rec = run.val[j]
-        with cols[n % 3]:
-            st.markdown(run.thumbnail(rec["image"]), unsafe_allow_html=True)
-            st.button(
-                plain(rec["id"]),
-                key=f"pick-{rec['id']}",
-                help=plain(rec["caption"]),
-                on_click=choose_val,
-                args=(str(rec["id"]),),
-                type="primary" if str(rec["id"]) == selected else "secondary",
-                width="stretch",
-            )
 
 
 def trust_banner(verdict: Verdict, always: bool = False) -> None:

@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from dashboard import basket_ui, eval_view, state, ui
+from dashboard import basket_ui, eval_view, picker, state, ui
 
 run = state.open_run()
 ids = [str(r["id"]) for r in run.val]
@@ -13,19 +13,19 @@ if not ids:
 # A changed ?val=ID in the URL wins, so a shared link opens its pair; the picker's callbacks set
 # both the session's pair and the URL.
 wanted = st.query_params.get("val")
-if wanted is not None and wanted != st.session_state.get(ui.VAL_KEY):
+if wanted is not None and wanted != st.session_state.get(picker.VAL_KEY):
     if wanted in run.val_index:
-        st.session_state[ui.VAL_KEY] = wanted
+        st.session_state[picker.VAL_KEY] = wanted
     else:
         st.warning(
             f"No validation pair with id {ui.plain(wanted)} in this run; pick one on the left."
         )
-st.session_state.setdefault(ui.VAL_KEY, ids[0])
-val_id = st.session_state[ui.VAL_KEY]
+st.session_state.setdefault(picker.VAL_KEY, ids[0])
+val_id = st.session_state[picker.VAL_KEY]
 st.query_params["val"] = val_id
 
 with st.sidebar:
-    ui.val_picker(run, val_id)
+    picker.val_picker(run, val_id)
 
 st.title("Why does the model match this pair?")
 ui.trust_banner(run.verdict())
