@@ -61,7 +61,8 @@ def table(results: dict[str, dict], mislabeled: dict[str, int]) -> str:
     first = next(iter(results.values()))
     full = first["conditions"]["full"]["metrics"]
     rows.append(
-        ["every pair (reference)", "-", "-", "-"] + [f"{full[m]['mean']:.3f}" for m in METRICS]
+        # its own values (a margin, R@k), in the columns of the changes
+        ["every pair (reference)", "-", "-"] + [f"{full[m]['mean']:.3f}" for m in METRICS]
     )
     for basket, result in results.items():
         for condition in ("basket", "clip-low", "random"):
