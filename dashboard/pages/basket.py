@@ -63,6 +63,11 @@ metrics = {
 }
 for col, (label, (value, help_)) in zip(st.columns(3), metrics.items(), strict=True):
     col.metric(label, value, help=help_)
+st.caption(
+    f"For comparison, {n_pairs} random training pairs: {effect.random_mean_change:+.4f} on the "
+    "mean margin (expected). A basket's mean change can sit close to that of any basket of its "
+    "size; which validation pairs it moves, below, is what tells baskets apart."
+)
 show = st.warning if not effect.verdict.reliable else st.caption
 show(effect.caveat)
 st.plotly_chart(basket_ui.effect_figure(effect), key="basket-hist")

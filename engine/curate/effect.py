@@ -65,6 +65,8 @@ class Effect:
     verdict: Verdict
     counts: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))  # histogram
     edges: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(1))
+    # the predicted change of the mean margin for a random basket of the same size (expected)
+    random_mean_change: float = float("nan")
 
     @property
     def mean_change(self) -> float:
@@ -112,6 +114,7 @@ class Effect:
             "mean_margin": float(self.margin.mean()),
             "predicted_mean_change": self.mean_change,
             "predicted_mean_margin": float((self.margin + self.delta).mean()),
+            "random_basket_predicted_mean_change": self.random_mean_change,
             "held_out": {
                 "n_val": int(held.sum()),
                 "predicted_mean_change": float(self.delta[held].mean()) if held.any() else None,
@@ -143,6 +146,9 @@ def basket_effect(
         held_out: (n_val,) bool, validation pairs not used to choose the rows (default: all).
     """
     delta = predicted_change(summed_rows(scores, rows))
+    # a random basket of r pairs: r / n_train of every pair's scores, in expectation
+    totals = np.asarray(scores.totals, dtype=np.float64)
+    random_mean = -len(rows) / max(1, totals.size) * float(totals.sum()) / max(1, delta.size)
     low, high = (float(delta.min()), float(delta.max())) if delta.size else (0.0, 0.0)
     return Effect(
         rows=np.asarray(rows, dtype=np.int64),
@@ -152,6 +158,7 @@ def basket_effect(
         verdict=verdict,
         counts=histogram(delta, low, high, BINS),
         edges=bin_edges(low, high, BINS),
+        random_mean_change=random_mean,
     )
 
 

@@ -67,6 +67,8 @@ def test_add_by_threshold_and_from_a_list_then_see_the_effect(csv_run, monkeypat
     assert metric(at, "Mean validation margin") == f"{delta.mean():+.4f}"
     assert metric(at, "Validation pairs helped") == f"{(delta > 0).mean():.0%}"
     assert metric(at, "Held-out pairs") == f"{delta[1:].mean():+.4f}"  # all but the chooser
+    random_mean = -6 / len(scores) * scores.astype(np.float64).sum() / scores.shape[1]
+    assert any(f"6 random training pairs: {random_mean:+.4f}" in c.value for c in at.caption)
     helped = [str(val[j]["id"]) for j in np.argsort(-delta, kind="stable")[:8] if delta[j] > 0]
     assert [p.label for p in at.get("page_link")][: len(helped)] == helped
     labels = [b.label for b in at.get("download_button")]

@@ -144,9 +144,16 @@ def test_predicted_effect_is_minus_the_summed_scores(data, arrays, tmp_path):
         effect.run_effect(as_topk(data), basket).delta, want, rtol=2e-3, atol=1e-5 * abs(want).max()
     )
     assert result.mean_change == pytest.approx(want.mean())
+    # the reference: a random basket of as many pairs, in expectation
+    random_mean = -len(rows) / len(scores) * scores.astype(np.float64).sum() / scores.shape[1]
+    assert result.random_mean_change == pytest.approx(random_mean, rel=1e-5)
+    assert effect.run_effect(as_topk(data), basket).random_mean_change == pytest.approx(
+        random_mean, rel=1e-4
+    )
     assert result.held_out.tolist() == [False] * 4 + [True] * (len(val_ids) - 4)
     doc = result.to_json(data.val, k=3)
     assert doc["held_out"]["predicted_mean_change"] == pytest.approx(want[4:].mean())
+    assert doc["random_basket_predicted_mean_change"] == pytest.approx(random_mean, rel=1e-5)
     assert [p["id"] for p in doc["most_helped"]] == [val_ids[j] for j in np.argsort(-want)[:3]]
     assert [p["id"] for p in doc["most_hurt"]] == [val_ids[j] for j in np.argsort(want)[:3]]
     assert doc["delta"] == pytest.approx(want.tolist(), abs=1e-6)
