@@ -41,19 +41,14 @@ FRACTION, SEED = 0.5, 0
 def parse_variant(text: str, base: train.TrainConfig) -> tuple[str, train.TrainConfig]:
     """``NAME:key=value,...`` -> (NAME, the base trainer with those settings)."""
     name, _, settings = text.partition(":")
-    types = {f.name: f.type for f in fields(train.TrainConfig)}
+    known = {f.name for f in fields(train.TrainConfig)}
     changes = {}
     for item in filter(None, settings.split(",")):
         key, _, value = item.partition("=")
-        if key not in types:
-            raise SystemExit(f"unknown trainer setting {key!r}; known: {', '.join(types)}")
-        kind = types[key] if isinstance(types[key], type) else str(types[key])
-        if kind in (int, "int"):
-            changes[key] = int(value)
-        elif kind in (float, "float"):
-            changes[key] = float(value)
-        else:
-            changes[key] = value or None
+        if key not in known:
+            raise SystemExit(f"unknown trainer setting {key!r}; known: {', '.join(sorted(known))}")
+        current = getattr(base, key)  # the setting's type: that of the demo's value (str if None)
+        changes[key] = type(current)(value) if current is not None else (value or None)
     return name, replace(base, **changes)
 
 

@@ -303,7 +303,7 @@ def influence_view(
 
     The plots sit in a section drawn only while it is open (``plots_key``, default
     ``KEY-plots``, keeps it open or closed across selections): drawing them is most of what
-    the browser does on a selection (1.0 of 1.7 s, BENCHMARKS "Dashboard at scale").
+    the browser does on a selection (BENCHMARKS.md, `bench_scale`: 0.5 s closed, 1.7-2.0 s open).
     ``figures`` makes them (``plots.result_figures`` of the result by default; a page passes
     its cached ones)."""
     main, side = st.columns([4, 1], gap="medium")
