@@ -39,7 +39,7 @@ from engine.models.factory import ClipBundle, create
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = Path(os.environ.get("TRAKVIEW_BENCHMARKS") or ROOT / "BENCHMARKS.md")
 # --quick: a demo of minutes, not hours, kept in one folder for every script
-QUICK_DEMO = DemoConfig(n_train=600, n_val=60, members=2, epochs=6)
+QUICK_DEMO = DemoConfig(n_train=600, n_val=60, members=2, epochs=6, base_epochs=6)
 QUICK_DEMO_DIR = Path(tempfile.gettempdir()) / "trakview-bench" / "quick-demo"
 
 

@@ -105,7 +105,11 @@ def main() -> None:
             ">= 0.90",
         ),
         ("median rank of the near-duplicate", f"{c['near_median_rank']:.0f}", ""),
-        ("suspected-mislabeled ROC AUC (self-influence)", f"{c['mislabeled_auc']:.3f}", ">= 0.80"),
+        (
+            "suspected-mislabeled ROC AUC (`suspect_mislabeled.npy`)",
+            f"{c['mislabeled_auc']:.3f}",
+            ">= 0.80",
+        ),
         (
             f"val caption rank 1 among {cfg.n_val} (ensemble CLIP)",
             f"{c['val_caption_top1']:.2f}",
@@ -123,7 +127,10 @@ def main() -> None:
             "### The default demo, end to end\n\n"
             f"`trakview demo` defaults: {cfg.n_train} train / {cfg.n_val} val pairs, "
             f"{cfg.members} x {cfg.model}, {cfg.epochs} epochs, {cfg.snapshots} checkpoints of "
-            f"each attributed (epochs {epochs}), proj_dim 512. Median of {args.repeats} runs; each phase in its own process. "
+            f"each attributed (epochs {epochs}), proj_dim 512; the models are fine-tuned (lr "
+            f"{cfg.lr:g}) from a base model trained first ({cfg.base_epochs} epochs, lr "
+            f"{cfg.base_lr:g}) on a second world of {cfg.n_train} pairs, which the first phase "
+            f"generates too. Median of {args.repeats} runs; each phase in its own process. "
             f"{machine()}. `python bench/bench_demo.py`. Targets: ensemble < 120 s, whole demo "
             f"< 300 s.\n\n{table}\n"
         ),

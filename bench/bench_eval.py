@@ -140,15 +140,15 @@ def more_members(demo_dir: Path, work: Path, dcfg: demo.DemoConfig, members: int
         if not link.exists():
             folder.mkdir(parents=True, exist_ok=True)
             link.symlink_to((demo_dir / "models" / f"member-{m}").resolve())
-    tcfg = train.TrainConfig(
-        model=dcfg.model, members=members, epochs=dcfg.epochs, lr=dcfg.lr, seed=dcfg.seed
-    )
+    init = demo.train_base(dcfg, demo_dir / "base")
+    tcfg = replace(demo.train_config(dcfg, init), members=members, save_epochs=[])
     return train_on(demo_pairs(demo_dir)[0], tcfg, folder)
 
 
 def trajectory_members(demo_dir: Path, work: Path, dcfg: demo.DemoConfig, epochs: list[int]):
     """The demo's members trained again (same seeds, same weights) keeping ``epochs``; cached."""
-    tcfg = replace(demo.train_config(dcfg), save_epochs=sorted(set(epochs) - {dcfg.epochs}))
+    init = demo.train_base(dcfg, demo_dir / "base")
+    tcfg = replace(demo.train_config(dcfg, init), save_epochs=sorted(set(epochs) - {dcfg.epochs}))
     folder = work / "traj"
     train_on(demo_pairs(demo_dir)[0], tcfg, folder)  # finished members are kept
     return folder
@@ -405,7 +405,7 @@ def main() -> None:
     run = demo.run_demo(dcfg, args.demo)
     manifest = open_manifest(run)
     proj_default, n_default = manifest.counts.proj_dim, manifest.counts.n_checkpoints
-    tcfg = demo.train_config(dcfg)
+    tcfg = demo.train_config(dcfg, demo.train_base(dcfg, args.demo / "base"))
     finals = final_ids(run)
 
     # 1. the default evaluation, timed (the last from-scratch timing is kept in WORK)
@@ -594,8 +594,8 @@ def main() -> None:
     # 3. BENCHMARKS.md, written now and again with the removal experiment (which takes longest)
     note = (
         f"Default demo (`trakview demo`: {manifest.counts.n_train} train / "
-        f"{manifest.counts.n_val} val pairs, {dcfg.members} x {dcfg.model} trained "
-        f"{dcfg.epochs} epochs, {dcfg.snapshots} checkpoints of each (epochs "
+        f"{manifest.counts.n_val} val pairs, {dcfg.members} x {dcfg.model} fine-tuned "
+        f"{dcfg.epochs} epochs from the demo's base model, {dcfg.snapshots} checkpoints of each (epochs "
         f"{', '.join(map(str, train.snapshot_epochs(dcfg.epochs, dcfg.snapshots)))}): "
         f"M = {n_default} checkpoints, proj_dim {proj_default}). `trakview eval lds` defaults: {args.subsets} random "
         f"halves of the training set x {args.models_per_subset} model (the demo's trainer), the "
@@ -619,9 +619,10 @@ def main() -> None:
         wall = "The LDS evaluation was not timed from scratch here (run with --fresh)."
     if rel is not None:
         wall += (
-            f"\n\nWhy the values are small: two models trained on the same subset with different "
-            f"seeds agree on the ranking of the subsets with a Spearman correlation of only "
-            f"{rel:.2f} (mean over validation pairs; the first {args.reliability_subsets} "
+            f"\n\nHow far seed noise limits the values: two models trained on the same subset "
+            f"with different seeds agree on the ranking of the subsets with a Spearman "
+            f"correlation of {rel:.2f} (mean over validation pairs; the first "
+            f"{args.reliability_subsets} "
             f"subsets, a second model each). The seed noise of one model caps the LDS that even "
             f"a perfect predictor of the expected margin could reach at about "
             f"sqrt({rel:.2f}) = {rel**0.5:.2f}; more models per subset "

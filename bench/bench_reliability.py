@@ -8,13 +8,14 @@ pairs of the Spearman correlation, over subsets, of the two models' margins. Tha
 seed noise caps every attribution method's LDS (about the square root of it per model), and
 the fog any counterfactual effect of the demo (LDS, removal, cleaning) is measured through.
 
-A variant is the demo trainer (``engine.demo.train_config``) with some settings changed:
+A variant is the demo trainer (``engine.demo.train_config``: fine-tuned from the demo's base
+model, trained on another world of the same generator, seed + 1) with some settings changed:
 ``--variant NAME:key=value,key=value`` (keys of ``engine.models.train.TrainConfig``; the
-baseline is ``demo:``). ``init=@base`` fine-tunes from a base model: the demo trainer's model
-trained on another world of the same generator (seed + 1), the way users fine-tune a pretrained
-CLIP. Models are cached per variant in ``--work``, so a run resumes.
+baseline is ``demo:``; ``init=`` trains from random initialisation, ``init=@base`` from the base
+model). Models are cached per variant in ``--work``, so a run resumes.
 
-    python bench/bench_reliability.py --subsets 16 --variant demo: --variant lr1e-3:lr=0.001
+    python bench/bench_reliability.py --subsets 16 --variant demo: \
+        --variant scratch:init=,lr=0.003,warmup_steps=30
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import numpy as np
 from bench_common import arguments, machine, md_table, write_section
 from engine.attribution.settings import BuildConfig
 from engine.data.loading import image_tensors, tokenize
-from engine.demo import DemoConfig, make_world, train_config, train_models
+from engine.demo import DemoConfig, make_world, train_base, train_config
 from engine.evaluate import retrain, stats
 from engine.models import train
 from engine.models.factory import create
@@ -47,16 +48,9 @@ def parse_variant(text: str, base: train.TrainConfig) -> tuple[str, train.TrainC
         key, _, value = item.partition("=")
         if key not in known:
             raise SystemExit(f"unknown trainer setting {key!r}; known: {', '.join(sorted(known))}")
-        current = getattr(base, key)  # the setting's type: that of the demo's value (str if None)
-        changes[key] = type(current)(value) if current is not None else (value or None)
+        current = getattr(base, key)  # the setting's type: that of the demo's value
+        changes[key] = type(current)(value) if value and current is not None else (value or None)
     return name, replace(base, **changes)
-
-
-def base_model(work: Path, cfg: DemoConfig) -> Path:
-    """The final checkpoint of one demo-trainer model on another world (seed + 1); cached."""
-    base = replace(cfg, seed=cfg.seed + 1, members=1, snapshots=1)
-    train_pairs, _ = make_world(base, work / "base-world")
-    return train_models(base, train_pairs, work / "base-model")[-1]
 
 
 def context(world: Path, cfg: DemoConfig) -> retrain.RetrainContext:
@@ -114,11 +108,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/trakview-bench/reliability"))
     args = parser.parse_args()
     cfg = DemoConfig()
-    base = train_config(cfg)
+    start = str(train_base(cfg, args.work / "base"))
+    base = train_config(cfg, start)
     variants = [parse_variant(v, base) for v in args.variant or ["demo:"]]
-    if any(t.init == "@base" for _, t in variants):
-        start = str(base_model(args.work, cfg))
-        variants = [(n, replace(t, init=start) if t.init == "@base" else t) for n, t in variants]
+    variants = [(n, replace(t, init=start) if t.init == "@base" else t) for n, t in variants]
     ctx = context(args.work / "world", cfg)
     saved = args.work / "results.json"
     results = json.loads(saved.read_text()) if saved.exists() else {}
@@ -144,7 +137,8 @@ def main() -> None:
             (
                 name,
                 ", ".join(
-                    f"{k}={'base model' if k == 'init' else v}" for k, v in changed[name].items()
+                    f"{k}={v}" if k != "init" else ("init=base model" if v else "random init")
+                    for k, v in changed[name].items()
                 )
                 or "(the demo's)",
                 f"{r['reliability']:.2f} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]",

@@ -38,7 +38,7 @@ Device = Annotated[str, typer.Option(help="cpu or cuda (cuda trains one model at
 AsJson = Annotated[bool, typer.Option("--json", help="Print the whole result as JSON.")]
 # The run does not record how its checkpoints were trained: these default to the
 # train_config.json that `trakview train` / `demo` write beside the checkpoints, else to
-# TrainConfig's defaults (the demo's trainer).
+# TrainConfig's defaults (from random initialisation, as the demo's base model is trained).
 
 
 def _recorded(text: str, default: str) -> str:
@@ -81,7 +81,15 @@ def train_config(run: Path, flags: dict[str, Any]) -> tuple[Any, str]:
     values = {**{k: v for k, v in recorded.items() if k in known}, **given}
     values["model"] = manifest.config.model
     cfg = train.TrainConfig(**values)
-    where = f"recorded in {source}" if source else "trakview's defaults (the demo's trainer)"
+    if cfg.init and not Path(cfg.init).is_file():
+        from engine.errors import ConfigError
+
+        raise ConfigError(
+            f"the run's models were fine-tuned from {cfg.init} ({source}), which is not there; "
+            'retraining needs that starting checkpoint: put it back, or set "init" in that '
+            "file to where it is now"
+        )
+    where = f"recorded in {source}" if source else "trakview's defaults, from random initialisation"
     if given:
         where += "; flags " + ", ".join(f"--{k.replace('_', '-')}" for k in given)
     return cfg, where
@@ -90,7 +98,9 @@ def train_config(run: Path, flags: dict[str, Any]) -> tuple[Any, str]:
 def _echo_train(cfg: Any, where: str) -> None:
     typer.echo(
         f"retraining with {cfg.model}: {cfg.epochs} epochs, lr {cfg.lr:g}, batch {cfg.batch_size}, "
-        f"warm-up {cfg.warmup_steps}, weight decay {cfg.weight_decay:g} ({where})"
+        f"warm-up {cfg.warmup_steps}, weight decay {cfg.weight_decay:g}"
+        + (f", fine-tuned from {cfg.init}" if cfg.init else "")
+        + f" ({where})"
     )
 
 

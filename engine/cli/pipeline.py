@@ -56,17 +56,35 @@ def demo(
             "with a lower LDS, see BENCHMARKS.md)."
         ),
     ] = 3,
+    base_epochs: Annotated[
+        int,
+        typer.Option(
+            help="Epochs of the base model the ensemble is fine-tuned from, trained first on a "
+            "second generated world (0: train the ensemble from random initialisation, faster, "
+            "but two seeds then disagree and counterfactual checks are noise, see BENCHMARKS.md)."
+        ),
+    ] = 15,
     seed: Annotated[int, typer.Option(help="Seed of the world, training and attribution.")] = 0,
     verbose: Verbose = False,
 ) -> None:
-    """Generate the demo world, train a tiny CLIP ensemble on it and build its attribution run."""
+    """Generate the demo world, train a tiny CLIP ensemble on it (fine-tuned from a base model
+    trained on a second world) and build its attribution run."""
     from engine import demo as demo_mod
     from engine.errors import ConfigError
     from engine.models import train as train_mod
 
     setup_logging(verbose)
+    if base_epochs < 0:
+        raise typer.BadParameter(
+            f"must be 0 or more, got {base_epochs}", param_hint="--base-epochs"
+        )
     cfg = demo_mod.DemoConfig(
-        n_train=n_train, n_val=n_val, members=members, seed=seed, snapshots=snapshots
+        n_train=n_train,
+        n_val=n_val,
+        members=members,
+        seed=seed,
+        snapshots=snapshots,
+        base_epochs=base_epochs,
     )
     if epochs:
         cfg.epochs = epochs

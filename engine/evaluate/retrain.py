@@ -242,7 +242,7 @@ def run_train_config(run: Path, manifest: Manifest) -> tuple[dict[str, Any], str
             continue
         candidate = path.parents[2] / train.TRAIN_CONFIG_FILE
         if candidate.is_file():
-            recorded = files.read_json(candidate)
+            recorded = train.read_settings(candidate)
             return {k: v for k, v in recorded.items() if k in known}, str(candidate)
     return {}, None
 

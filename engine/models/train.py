@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import queue
 import time
 from collections.abc import Callable
@@ -203,6 +204,28 @@ def auto_jobs(cfg: TrainConfig, n_images: int, members: int, device: str, nbytes
     return max(1, min(parallel.cpus(), parallel.MAX_AUTO_JOBS, members))
 
 
+def recorded_settings(cfg: TrainConfig, out: Path) -> dict:
+    """``cfg`` as ``OUT/train_config.json`` records it: a starting checkpoint (``init``) in the
+    folder that holds OUT (the demo's ``base/``) relative to OUT, so that the two can move
+    together; any other as given. ``read_settings`` resolves it back."""
+    out_cfg = asdict(cfg)
+    if cfg.init:
+        init = Path(cfg.init).absolute()
+        if init.is_relative_to(Path(out).absolute().parent):
+            out_cfg["init"] = os.path.relpath(init, Path(out).absolute())
+    return out_cfg
+
+
+def read_settings(path: Path) -> dict:
+    """The settings recorded in a ``train_config.json`` at ``path``, with a relative ``init``
+    resolved against its folder."""
+    recorded = files.read_json(path)
+    init = recorded.get("init")
+    if init and not Path(init).is_absolute():
+        recorded["init"] = str((Path(path).parent / init).resolve())
+    return recorded
+
+
 def train_ensemble(
     images: torch.Tensor,
     tokens: torch.Tensor,
@@ -229,7 +252,7 @@ def train_ensemble(
         )
     if jobs < 0:
         raise ConfigError(f"jobs must be 0 (auto) or a number of processes, got {jobs}")
-    files.write_json(Path(out) / TRAIN_CONFIG_FILE, asdict(cfg))
+    files.write_json(Path(out) / TRAIN_CONFIG_FILE, recorded_settings(cfg, Path(out)))
     t0 = time.perf_counter()
     todo = [
         m

@@ -9,7 +9,9 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from engine.cli import app
+from engine.cli import app, eval_cmds
+from engine.evaluate import retrain
+from engine.run.manifest import open_manifest
 
 
 def trakview(*args: str) -> subprocess.CompletedProcess:
@@ -68,6 +70,11 @@ def test_errors_are_one_line(tmp_path):
     said = " ".join(result.stderr.replace("│", " ").split())
     assert "--snapshots" in said and "between 1 and the epochs (2), got 3" in said
     assert not (tmp_path / "data").exists()
+    result = trakview("demo", "--out", str(tmp_path), "--base-epochs", "-1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    said = " ".join(result.stderr.replace("│", " ").split())
+    assert "--base-epochs" in said and "must be 0 or more, got -1" in said
+    assert not (tmp_path / "base").exists()
 
 
 def test_train_build_info_query_round_trip(tmp_path, world_dir, run_dir):
@@ -137,7 +144,7 @@ def test_small_demo_attributes_every_snapshot(tmp_path):
     out = tmp_path / "demo"
     result = trakview(
         "demo", "--out", str(out), "--no-serve", "--n-train", "300", "--n-val", "30",
-        "--members", "2", "--epochs", "2", "--snapshots", "2",
+        "--members", "2", "--epochs", "2", "--snapshots", "2", "--base-epochs", "1",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     manifest = json.loads((out / "run" / "manifest.json").read_text())
@@ -150,3 +157,27 @@ def test_small_demo_attributes_every_snapshot(tmp_path):
     ]
     train_cfg = json.loads((out / "models" / "train_config.json").read_text())
     assert train_cfg["save_epochs"] == [1] and train_cfg["epochs"] == 2
+    # fine-tuned from the base model, trained first on a second world (seed 1)
+    base = (out / "base" / "model" / "member-0" / "checkpoints" / "epoch_1.pt").resolve()
+    assert base.is_file()  # recorded relative to models/, so that the demo folder can move
+    assert train_cfg["init"] == "../base/model/member-0/checkpoints/epoch_1.pt"
+    assert (train_cfg["lr"], train_cfg["warmup_steps"]) == (1e-3, 10)
+    base_cfg = json.loads((out / "base" / "model" / "train_config.json").read_text())
+    assert (base_cfg["seed"], base_cfg["members"], base_cfg["init"]) == (1, 1, None)
+    base_world = (out / "base" / "data" / "train.jsonl").read_text()
+    assert base_world != (out / "data" / "train.jsonl").read_text()
+    # `trakview eval` retrains with the recorded trainer: from the same base model
+    manifest = open_manifest(out / "run")
+    recorded, source = retrain.run_train_config(out / "run", manifest)
+    assert recorded["init"] == str(base) and source.endswith("train_config.json")
+    moved = out.rename(tmp_path / "moved-demo")  # the whole demo moved: found at its new place
+    tcfg, _ = eval_cmds.train_config(moved / "run", {})
+    assert tcfg.init == str(
+        moved.resolve() / "base" / "model" / "member-0" / "checkpoints" / "epoch_1.pt"
+    )
+    out = moved.rename(out)
+    (out / "base").rename(out / "moved")  # a user moved the base model only: one clear line
+    result = trakview("eval", "lds", str(out / "run"), "--subsets", "2")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    said = " ".join(result.stderr.replace("│", " ").split())
+    assert f"were fine-tuned from {base}" in said and "which is not there" in said

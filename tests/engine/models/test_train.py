@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from engine import files
 from engine.data import synthetic
 from engine.models import checkpoints, embed, train
 from engine.models.checkpoints import load_into, read_state_dict, save_checkpoint
@@ -163,3 +164,42 @@ def test_auto_jobs_trains_small_ensembles_in_one_process():
     assert train.auto_jobs(cfg, 300, 4, "cpu", 4 << 20) == 1  # 4500 samples: too little work
     assert train.auto_jobs(cfg, 3000, 4, "cuda", 37 << 20) == 1
     assert train.auto_jobs(cfg, 3000, 4, "cpu", 2 << 30) == 1  # images too large to copy
+
+
+def test_init_starts_every_member_from_the_given_checkpoint(tmp_path, world_tensors):
+    """``init``: members are fine-tuned from one checkpoint (how the demo trains its ensemble)."""
+    (x, t), _ = world_tensors
+    (base,) = train.train_ensemble(
+        x[:200],
+        t[:200],
+        train.TrainConfig(members=1, epochs=1, batch_size=100, seed=5),
+        tmp_path / "b",
+    )
+    still = train.TrainConfig(members=2, epochs=1, batch_size=100, lr=1e-12, weight_decay=0.0)
+    tuned = train.train_ensemble(x[:200], t[:200], replace(still, init=str(base)), tmp_path / "f")
+    fresh = train.train_ensemble(x[:200], t[:200], still, tmp_path / "r")
+    start = read_state_dict(base)
+    for path in tuned:  # a learning rate of 1e-12 leaves the starting weights as they were
+        got = read_state_dict(path)
+        assert all(torch.allclose(got[k], v, atol=1e-6) for k, v in start.items())
+    got = read_state_dict(fresh[0])
+    assert not torch.allclose(got["text_projection"], start["text_projection"], atol=1e-3)
+
+
+def test_recorded_init_moves_with_its_folder(tmp_path):
+    """A starting checkpoint beside the ensemble is recorded relative to it (the demo's base/),
+    any other as given; reading resolves it."""
+    out = tmp_path / "demo" / "models"
+    beside = tmp_path / "demo" / "base" / "model" / "member-0" / "checkpoints" / "epoch_15.pt"
+    elsewhere = tmp_path.parent / "weights" / "pretrained.pt"
+    rec = train.recorded_settings(train.TrainConfig(init=str(beside)), out)
+    assert rec["init"] == "../base/model/member-0/checkpoints/epoch_15.pt"
+    assert train.recorded_settings(train.TrainConfig(init=str(elsewhere)), out)["init"] == str(
+        elsewhere
+    )
+    assert train.recorded_settings(train.TrainConfig(), out)["init"] is None
+    out.mkdir(parents=True)
+    files.write_json(out / train.TRAIN_CONFIG_FILE, rec)
+    moved = (tmp_path / "demo").rename(tmp_path / "elsewhere")
+    got = train.read_settings(moved / "models" / train.TRAIN_CONFIG_FILE)
+    assert got["init"] == str(moved.resolve() / "base/model/member-0/checkpoints/epoch_15.pt")
