@@ -125,6 +125,10 @@ def train_models(cfg: DemoConfig, train_pairs: PairSet, folder: Path) -> list[Pa
     """Trains the demo ensemble into ``folder`` (finished members are skipped), fine-tuned from
     the base model in ``folder/../base``; returns every checkpoint to attribute, member by
     member, earliest epoch first."""
+    tcfg = train_config(cfg)
+    wanted = [p for m in range(cfg.members) for p in train.member_checkpoints(folder, m, tcfg)]
+    if all(p.is_file() for p in wanted):  # trained before (the base model is not needed)
+        return wanted
     init = train_base(cfg, Path(folder).parent / "base")
     return _train(train_pairs, train_config(cfg, init), Path(folder))
 

@@ -18,6 +18,7 @@ import concurrent.futures as cf
 import contextlib
 import hashlib
 import logging
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -243,7 +244,8 @@ def run_train_config(run: Path, manifest: Manifest) -> tuple[dict[str, Any], str
         candidate = path.parents[2] / train.TRAIN_CONFIG_FILE
         if candidate.is_file():
             recorded = train.read_settings(candidate)
-            return {k: v for k, v in recorded.items() if k in known}, str(candidate)
+            # checkpoints kept beside the run are recorded as RUN/../models/...: say models/...
+            return {k: v for k, v in recorded.items() if k in known}, os.path.normpath(candidate)
     return {}, None
 
 

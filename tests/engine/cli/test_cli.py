@@ -169,7 +169,8 @@ def test_small_demo_attributes_every_snapshot(tmp_path):
     # `trakview eval` retrains with the recorded trainer: from the same base model
     manifest = open_manifest(out / "run")
     recorded, source = retrain.run_train_config(out / "run", manifest)
-    assert recorded["init"] == str(base) and source.endswith("train_config.json")
+    assert recorded["init"] == str(base)
+    assert source == str(out / "models" / "train_config.json")  # not RUN/../models/...
     moved = out.rename(tmp_path / "moved-demo")  # the whole demo moved: found at its new place
     tcfg, _ = eval_cmds.train_config(moved / "run", {})
     assert tcfg.init == str(
