@@ -182,3 +182,10 @@ def test_small_demo_attributes_every_snapshot(tmp_path):
     assert result.returncode != 0 and "Traceback" not in result.stderr
     said = " ".join(result.stderr.replace("│", " ").split())
     assert f"were fine-tuned from {base}" in said and "which is not there" in said
+    # the demo again, finished: its models are there, so the base model is not trained again
+    again = trakview(
+        "demo", "--out", str(out), "--no-serve", "--n-train", "300", "--n-val", "30",
+        "--members", "2", "--epochs", "2", "--snapshots", "2", "--base-epochs", "1",
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert not (out / "base").exists()
