@@ -304,7 +304,9 @@ def table(run: Path, times: dict[str, list[tuple[float, float]]], load: tuple) -
             "caption and every helps / hurts / similar card image loaded; whole page: also "
             "nothing stale and, with the plots section open, both plots drawn. "
             f"{machine()}; load average {load[0]:.1f} before / "
-            f"{load[1]:.1f} after (the machine is shared), {dt.date.today()}. "
+            f"{load[1]:.1f} after ("
+            + ("other jobs shared the cores" if load[0] > 1.0 else "nothing else running before")
+            + f"; the server and Chromium themselves load both cores), {dt.date.today()}. "
             "`python bench/bench_dashboard.py`",
             "",
             md_table(header, rows),
