@@ -95,9 +95,14 @@ def train_config(cfg: DemoConfig, init: str | Path | None = None) -> train.Train
     )
 
 
+def _checkpoints(tcfg: train.TrainConfig, folder: Path) -> list[Path]:
+    """Every checkpoint ``tcfg``'s members keep in ``folder``, member by member."""
+    return [p for m in range(tcfg.members) for p in train.member_checkpoints(folder, m, tcfg)]
+
+
 def _train(pairs: PairSet, tcfg: train.TrainConfig, folder: Path) -> list[Path]:
     """Trains ``tcfg``'s members into ``folder`` unless done; returns their checkpoints."""
-    wanted = [p for m in range(tcfg.members) for p in train.member_checkpoints(folder, m, tcfg)]
+    wanted = _checkpoints(tcfg, folder)
     if not all(p.is_file() for p in wanted):
         bundle = create(tcfg.model)
         images = image_tensors(pairs, bundle.preprocess)
@@ -125,8 +130,7 @@ def train_models(cfg: DemoConfig, train_pairs: PairSet, folder: Path) -> list[Pa
     """Trains the demo ensemble into ``folder`` (finished members are skipped), fine-tuned from
     the base model in ``folder/../base``; returns every checkpoint to attribute, member by
     member, earliest epoch first."""
-    tcfg = train_config(cfg)
-    wanted = [p for m in range(cfg.members) for p in train.member_checkpoints(folder, m, tcfg)]
+    wanted = _checkpoints(train_config(cfg), Path(folder))
     if all(p.is_file() for p in wanted):  # trained before (the base model is not needed)
         return wanted
     init = train_base(cfg, Path(folder).parent / "base")
