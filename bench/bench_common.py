@@ -26,10 +26,10 @@ import numpy as np
 import torch
 
 from engine import files
+from engine.assemble.context import WorkContext
 from engine.attribution.margin import SimulatedBatch
 from engine.attribution.projection import KeyedProjector
 from engine.attribution.settings import BuildConfig
-from engine.build.context import WorkContext
 from engine.data.loading import image_tensors, tokenize
 from engine.data.pairs import PairSet, pair_list_path, read_pairs
 from engine.demo import DemoConfig
@@ -171,7 +171,7 @@ def warm_up(projector: KeyedProjector, device: str = "cpu") -> None:
 
 
 class InMemoryWork(WorkContext):
-    """The build's ``WorkContext`` (``engine.build.context``) over tensors in memory instead of a
+    """The build's ``WorkContext`` (``engine.assemble.context``) over tensors in memory instead of a
     run's pair files: ``bundle``'s model, the CLIP margin over the given training embeddings,
     the simulated batches over their rows; its ``traker`` is the build's (trakview's extension
     points, ``ShardSaver``: nothing is written)."""
@@ -192,7 +192,7 @@ class InMemoryWork(WorkContext):
         self.task.set_embeddings(img_emb, txt_emb)
 
     def featurize(self, traker: Any, state: dict, model_id: int, images, tokens) -> None:
-        """What a featurize unit does (``engine.build.units``), the batches already in memory
+        """What a featurize unit does (``engine.assemble.units``), the batches already in memory
         (the build reads and preprocesses them in DataLoader workers)."""
         traker.load_checkpoint(state, model_id=model_id)
         batch = self.cfg.batch_size

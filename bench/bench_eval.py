@@ -42,10 +42,10 @@ from bench_common import (
     write_section,
 )
 from engine import demo, files
+from engine.assemble.orchestrate import build
 from engine.attribution.gradients import select_parameters
 from engine.attribution.scoring import RegularizedScoreComputer
 from engine.attribution.settings import BuildConfig
-from engine.build.orchestrate import build
 from engine.evaluate import stats
 from engine.evaluate.lds import LdsConfig, evaluate_lds, load_lds_cache
 from engine.evaluate.methods import (

@@ -10,7 +10,7 @@ current path and traker's stock pipeline with the FLOP floor, and faithfulness o
 depend on them), captions of ~80 words drawn Zipf-like from the tokenizer's whole-word
 vocabulary (truncated to the 77-token context), simulated batch 256, the same proj_dim and
 the device's default attributed parameters for every path. Each trakview path runs through
-the build's own featurize (``InMemoryWork``: the TRAKer of ``engine.build.context``); warm-up,
+the build's own featurize (``InMemoryWork``: the TRAKer of ``engine.assemble.context``); warm-up,
 then the median of the repeats. traker's stock pipeline cannot run ViT-B-32 on a 24 GiB CPU (its
 BasicProjector allocates a D x 100 float32 block): its rate is estimated from a measured
 per-sample gradient batch and one measured slice of a projection block, scaled to the whole.

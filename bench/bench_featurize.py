@@ -2,7 +2,7 @@
 
 Same model (trakview-tiny, 3.3 M parameters), same pairs (the demo world), same proj_dim, same
 attributed parameters, same simulated batch size, float32, CPU. trakview runs as a featurize unit
-of the build does (``engine.build.context.WorkContext``'s TRAKer: trakview's extension points),
+of the build does (``engine.assemble.context.WorkContext``'s TRAKer: trakview's extension points),
 with each ``--projector``. traker's stock pipeline is run as the seed tutorial does, with only the
 fixes it needs to run at all on CPU: the embeddings are set without ``get_embeddings`` (which
 calls ``.cuda()``), and the out-to-loss term is reshaped to (B, 1).

@@ -10,7 +10,7 @@ short keeps what it measured), then the BENCHMARKS.md section ``bench_gpu``:
    CUDA (``BuildConfig(device=...)``, grad_params all, same projector), compared per validation
    pair (Pearson of the score columns, top-10 overlap).
 2. Featurize throughput per checkpoint (pairs/s) through the build's own path (the TRAKer of
-   ``engine.build.context.WorkContext``, batches handed over as a featurize unit does, CPU
+   ``engine.assemble.context.WorkContext``, batches handed over as a featurize unit does, CPU
    batches moved per batch), for trakview-tiny and ViT-B-32 (random init, no download),
    grad_params all: median of repeats after a warm-up, peak GPU memory.
 3. Embedding throughput of ViT-B-32 (``engine.models.embed.encode``; also TF32 and bf16
@@ -88,8 +88,8 @@ def _agreement(a: np.ndarray, b: np.ndarray, k: int = 10) -> dict[str, float]:
 
 def agreement(tmp: Path, n_train: int, n_val: int) -> None:
     from engine import demo, files
+    from engine.assemble.orchestrate import build
     from engine.attribution.settings import BuildConfig
-    from engine.build.orchestrate import build
     from engine.models.train import TrainConfig
     from engine.run.layout import RunLayout
     from engine.run.manifest import open_manifest

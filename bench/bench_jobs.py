@@ -23,9 +23,9 @@ import torch
 
 from bench_common import arguments, demo_pairs, machine, md_table, train_on, write_section
 from engine import files
+from engine.assemble.executors import LocalExecutor
+from engine.assemble.orchestrate import build
 from engine.attribution.settings import BuildConfig
-from engine.build.executors import LocalExecutor
-from engine.build.orchestrate import build
 from engine.models.checkpoints import find_checkpoints
 from engine.models.train import TRAIN_CONFIG_FILE, TrainConfig
 from engine.run.layout import RunLayout

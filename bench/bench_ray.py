@@ -40,11 +40,11 @@ from bench_common import (
     write_section,
 )
 from engine import demo, files
+from engine.assemble.executors import Executor, LocalExecutor, RayExecutor
+from engine.assemble.orchestrate import build
 from engine.attribution.gradients import select_parameters
 from engine.attribution.projection import projector_for
 from engine.attribution.settings import BuildConfig
-from engine.build.executors import Executor, LocalExecutor, RayExecutor
-from engine.build.orchestrate import build
 from engine.data.pairs import read_pairs
 from engine.models.checkpoints import read_state_dict
 from engine.models.factory import create
@@ -371,7 +371,7 @@ def write(saved: dict, note: str = "", no_write: bool = False) -> None:
 |---|---|---:|---:|---:|---:|---:|
 {chr(10).join(rows)}
 
-*build*: `engine.build.orchestrate.build` from start to manifest (pairs check, units, top-k, ensemble, self-influence, indexes); *graph*: the units alone. {note}
+*build*: `engine.assemble.orchestrate.build` from start to manifest (pairs check, units, top-k, ensemble, self-influence, indexes); *graph*: the units alone. {note}
 
 **Per-unit costs** (least loaded build of each executor; median seconds per unit; per pair: the unit kind's total seconds / its pairs, in ms: an embed unit's images of one split, a featurize unit's training pairs of one checkpoint, a targets unit's validation pairs, a scores unit's validation pairs over all checkpoints). *Ray overhead*: a unit on a Ray worker minus the same unit in-process, both on one thread: the task makes its own model, weights, pairs and projection (the local executor keeps them between units).
 

@@ -31,8 +31,8 @@ import torch
 
 from bench_common import arguments, machine, md_table, run_child, write_section
 from engine import files
+from engine.assemble import derive
 from engine.attribution.settings import BuildConfig
-from engine.build import derive
 from engine.data import synthetic
 from engine.data.pairs import save_pairs
 from engine.models.factory import create
@@ -48,8 +48,8 @@ ROWS = 100_000  # rows generated at a time
 SCORING = (
     "import json, sys, torch; from pathlib import Path\n"
     "from engine.attribution.settings import BuildConfig\n"
-    "from engine.build import graph, units\n"
-    "from engine.build.context import WorkContext\n"
+    "from engine.assemble import graph, units\n"
+    "from engine.assemble.context import WorkContext\n"
     "torch.set_num_threads(2)\n"
     "out = Path(sys.argv[2]); cfg = BuildConfig(**json.loads(sys.argv[3]))\n"
     "ctx = WorkContext(out, cfg)\n"

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.assemble.orchestrate import build
 from engine.attribution.settings import BuildConfig
-from engine.build.orchestrate import build
 from engine.data import synthetic
 from engine.data.loading import image_tensors, tokenize
 from engine.data.pairs import PairSet, read_pairs, save_pairs

@@ -24,7 +24,7 @@ LAYERS = [
     "attribution",
     "run",
     "search",
-    "build",
+    "assemble",
     "explore",
     "curate",
     "evaluate",

@@ -1,6 +1,6 @@
 """``ShardSaver``: a traker saver (``trak.savers.AbstractSaver``) over arrays in memory, so that
 ``TRAKer`` featurizes, scores and finalizes scores one shard of a build at a time
-(``engine.build.units``), and each unit writes its own files."""
+(``engine.assemble.units``), and each unit writes its own files."""
 
 from __future__ import annotations
 

@@ -6,5 +6,5 @@ they return (``results``), gallery exports (``export``, ``sheet``) and the dashb
 (``view.RunView``: thumbnails, PCA map, totals, search; no Streamlit).
 
 May import: everything below it (``errors``, ``files``, ``data``, ``models``, ``attribution``,
-``run``, ``search``); never ``engine.build``.
+``run``, ``search``); never ``engine.assemble``.
 """

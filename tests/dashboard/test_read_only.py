@@ -10,8 +10,8 @@ from pathlib import Path
 from streamlit.testing.v1 import AppTest
 
 from dashboard import state
+from engine.assemble.orchestrate import build
 from engine.attribution.settings import BuildConfig
-from engine.build.orchestrate import build
 from engine.data.sources import read_source
 
 APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from engine.assemble.orchestrate import build
 from engine.attribution.gradients import SelectiveGradientComputer, select_parameters
 from engine.attribution.margin import ClipMargin
 from engine.attribution.projection import KeyedProjector
 from engine.attribution.settings import BuildConfig
-from engine.build.orchestrate import build
 from engine.explore.query import QueryEngine
 from engine.models.checkpoints import load_into
 from engine.models.factory import create

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from trak import TRAKer
 
+from engine.assemble.orchestrate import build
 from engine.attribution.factored import (
     FactoredGradientComputer,
     block_key,
@@ -24,7 +25,6 @@ from engine.attribution.kronecker import Block, KroneckerFactors, TapMode
 from engine.attribution.margin import ClipMargin, SimulatedBatch
 from engine.attribution.projection import projector_for
 from engine.attribution.settings import BuildConfig, resolve
-from engine.build.orchestrate import build
 from engine.explore.query import QueryEngine
 from engine.models.checkpoints import load_into
 from engine.models.factory import create

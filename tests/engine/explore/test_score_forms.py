@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 
 from dashboard import state
 from engine import files
+from engine.assemble.orchestrate import build
 from engine.attribution.settings import BuildConfig, resolve
 from engine.attribution.summaries import top_rows
-from engine.build.orchestrate import build
 from engine.cli import app
 from engine.evaluate.lds import LdsConfig, evaluate_lds
 from engine.evaluate.methods import TrakScores

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from engine import files
+from engine.assemble.orchestrate import build
 from engine.attribution.settings import BuildConfig
-from engine.build.orchestrate import build
 from engine.errors import RunBusyError
 from engine.evaluate.lds import LdsConfig, evaluate_lds
 from engine.models.train import TrainConfig

@@ -13,6 +13,7 @@ import torch
 from trak import TRAKer
 
 from engine import files
+from engine.assemble.graph import score_shard_size, shard_rows
 from engine.attribution.factored import gradient_computer_for
 from engine.attribution.gradients import SelectiveGradientComputer, select_parameters
 from engine.attribution.margin import ClipMargin, SimulatedBatch
@@ -20,7 +21,6 @@ from engine.attribution.projection import KeyedProjector, projector_for
 from engine.attribution.saver import ShardSaver
 from engine.attribution.scoring import RegularizedScoreComputer
 from engine.attribution.settings import BuildConfig
-from engine.build.graph import score_shard_size, shard_rows
 from engine.data.loading import loader
 from engine.data.pairs import PairSet, read_pairs
 from engine.errors import DeviceError

@@ -1,10 +1,10 @@
 """`trakview build`: CLIP embeddings and TRAK scores of every training pair for every val pair.
 
-Stages: pairs (check every image and caption, ``engine.build.pairs``) -> the graph of units
-(``engine.build.graph``: per checkpoint, embeddings, featurize and X^T X per shard of the pairs,
+Stages: pairs (check every image and caption, ``engine.assemble.pairs``) -> the graph of units
+(``engine.assemble.graph``: per checkpoint, embeddings, featurize and X^T X per shard of the pairs,
 features, target gradients; then the scores per block of validation pairs), run by an executor
-(``engine.build.executors``: in this process, or on Ray) -> ensemble, diagnose
-(``engine.build.derive``) -> index -> manifest. Every stage and every unit leaves a marker
+(``engine.assemble.executors``: in this process, or on Ray) -> ensemble, diagnose
+(``engine.assemble.derive``) -> index -> manifest. Every stage and every unit leaves a marker
 (``RUN/stages/``, ``RUN/units/``): a build that is stopped resumes at the first unit that had not
 finished.
 """
@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from engine import files
+from engine.assemble import derive, executors, graph
+from engine.assemble.pairs import check_pairs, fingerprint, relative_to_run
 from engine.attribution.settings import NOT_IDENTITY, BuildConfig, resolve
-from engine.build import derive, executors, graph
-from engine.build.pairs import check_pairs, fingerprint, relative_to_run
 from engine.data.pairs import PairSet, read_pairs
 from engine.errors import RunMismatchError
 from engine.models.checkpoints import check_fits, file_sha256, read_state_dict
@@ -76,7 +76,7 @@ def build(
 ) -> Path:
     """Builds (or resumes) an attribution run and returns its directory.
 
-    The work is a graph of units over shards of the pairs (``engine.build.graph``), run by
+    The work is a graph of units over shards of the pairs (``engine.assemble.graph``), run by
     ``executor``: in this process by default, or on a Ray cluster (``executors.RayExecutor``).
     Images are streamed in batches through DataLoader workers, so memory is bounded by the batch
     and shard sizes and the arrays the run keeps, not by the number of images.

@@ -11,11 +11,11 @@ import pytest
 import torch
 from trak import TRAKer
 
+from engine.assemble.orchestrate import build
 from engine.attribution.gradients import select_parameters
 from engine.attribution.margin import SimulatedBatch
 from engine.attribution.projection import KeyedProjector
 from engine.attribution.settings import BuildConfig, resolve
-from engine.build.orchestrate import build
 from engine.errors import RunMismatchError
 from engine.evaluate import groundtruth
 from engine.files import read_jsonl

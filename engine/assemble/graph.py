@@ -1,4 +1,4 @@
-"""The build as a graph of independent units, run by an executor (``engine.build.executors``).
+"""The build as a graph of independent units, run by an executor (``engine.assemble.executors``).
 
 Each unit computes one piece of a run from files that its dependencies wrote, writes its own
 files atomically, then its done-marker ``RUN/units/ID.json`` (seconds, host, pid). A unit whose

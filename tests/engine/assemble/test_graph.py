@@ -11,9 +11,9 @@ import sys
 import numpy as np
 import pytest
 
-from engine.build import graph
-from engine.build.executors import LocalExecutor, auto_jobs, make
-from engine.build.graph import Unit, shard_rows
+from engine.assemble import graph
+from engine.assemble.executors import LocalExecutor, auto_jobs, make
+from engine.assemble.graph import Unit, shard_rows
 from engine.errors import ExecutorError
 from engine.parallel import MAX_AUTO_JOBS
 from engine.run.layout import RunLayout
@@ -86,8 +86,8 @@ def test_parallel_local_build_equals_the_one_process_build(tmp_path, world_dir, 
     script.write_text(
         "import json, sys\n"
         "from engine.attribution.settings import BuildConfig\n"
-        "from engine.build.executors import LocalExecutor\n"
-        "from engine.build.orchestrate import build\n"
+        "from engine.assemble.executors import LocalExecutor\n"
+        "from engine.assemble.orchestrate import build\n"
         "from engine.data.pairs import read_pairs\n"
         f"cfg = BuildConfig(**json.loads({json.dumps(json.dumps(cfg))}))\n"
         f"train = read_pairs({str(world_dir / 'train.jsonl')!r})\n"

@@ -1,6 +1,6 @@
-"""Executors of the build graph (``engine.build.graph``): in this process, or as tasks on Ray.
+"""Executors of the build graph (``engine.assemble.graph``): in this process, or as tasks on Ray.
 
-Both run the same units (``engine.build.units.run_unit``), which skip themselves when their
+Both run the same units (``engine.assemble.units.run_unit``), which skip themselves when their
 done-marker exists: what an executor adds is where and when each unit runs. ``LocalExecutor``
 runs them on this machine: one after another in this process, or, for a large enough build on a
 CPU, in ``jobs`` processes of a few torch threads each (a tiny model's per-sample gradients keep
@@ -25,9 +25,9 @@ from typing import Any, Protocol
 from tqdm.auto import tqdm
 
 from engine import parallel
+from engine.assemble import graph, units
+from engine.assemble.context import WorkContext
 from engine.attribution.settings import BuildConfig
-from engine.build import graph, units
-from engine.build.context import WorkContext
 from engine.errors import ExecutorError, ResourceError
 from engine.run.layout import RunLayout
 

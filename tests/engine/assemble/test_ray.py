@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.build.executors import RayExecutor
-from engine.build.orchestrate import build
+from engine.assemble.executors import RayExecutor
+from engine.assemble.orchestrate import build
 from engine.files import read_json
 from engine.run.layout import RunLayout
 

@@ -1,4 +1,4 @@
-"""The work of each unit of the build graph (``engine.build.graph``), in whichever process runs
+"""The work of each unit of the build graph (``engine.assemble.graph``), in whichever process runs
 it.
 
 Gradients, projections and scores are computed by traker's ``TRAKer`` with trakview's extension
@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from engine import files
+from engine.assemble.context import WorkContext
+from engine.assemble.graph import Unit, unit_id
 from engine.attribution.settings import MAX_CONDITION
 from engine.attribution.summaries import summarize_block
-from engine.build.context import WorkContext
-from engine.build.graph import Unit, unit_id
 from engine.models.embed import encode
 from engine.run.layout import TARGETS
 
