@@ -2,7 +2,8 @@
 
 Layout of the demo folder::
 
-    OUT/data/{train,val}.jsonl, OUT/data/images/{train,val}/*.png   the world (with ground truth)
+    OUT/data/{train,val}.jsonl, OUT/data/images/{train,val}/*.png   the world (with ground truth,
+                                                                    a planted failure included)
     OUT/base/data/, OUT/base/model/member-0/checkpoints/epoch_N.pt  the base model and its world
     OUT/models/member-K/checkpoints/epoch_N.pt                     the ensemble
     OUT/run/                                                        the attribution run
@@ -23,8 +24,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from engine.assemble.orchestrate import build
 from engine.attribution.settings import BuildConfig
-from engine.build.orchestrate import build
 from engine.data import synthetic
 from engine.data.loading import image_tensors, tokenize
 from engine.data.pairs import PairSet, pair_list_path, read_pairs, save_pairs
@@ -50,6 +51,7 @@ class DemoConfig:
     base_warmup_steps: int = 30  # warm-up steps from random initialisation
     model: str = "trakview-tiny"  # architecture
     seed: int = 0  # world, training and attribution seed (the base model's world: seed + 1)
+    failure: str = "watermark"  # planted systematic failure (engine.data.failures.FAILURES)
 
 
 def make_world(cfg: DemoConfig, folder: Path) -> tuple[PairSet, PairSet]:
@@ -58,7 +60,9 @@ def make_world(cfg: DemoConfig, folder: Path) -> tuple[PairSet, PairSet]:
     if not (train_jsonl.is_file() and val_jsonl.is_file()):
         t0 = time.perf_counter()
         world = synthetic.generate_world(
-            synthetic.WorldConfig(n_train=cfg.n_train, n_val=cfg.n_val, seed=cfg.seed)
+            synthetic.WorldConfig(
+                n_train=cfg.n_train, n_val=cfg.n_val, seed=cfg.seed, failure=cfg.failure
+            )
         )
         save_pairs(folder, "val", world.val, world.val_images)
         save_pairs(folder, "train", world.train, world.train_images)
@@ -120,7 +124,7 @@ def train_base(cfg: DemoConfig, folder: Path) -> Path | None:
     final = train.final_checkpoint(folder / "model", 0, tcfg.epochs)
     if final.is_file():
         return final
-    base_world = replace(cfg, seed=cfg.seed + 1)
+    base_world = replace(cfg, seed=cfg.seed + 1, failure="none")  # a clean "pretraining" world
     log.info("training the base model on a second world (seed %d)", base_world.seed)
     pairs, _ = make_world(base_world, folder / "data")
     return _train(pairs, tcfg, folder / "model")[-1]

@@ -33,8 +33,10 @@ from engine.cli.options import (
     Workers,
     setup_logging,
 )
+from engine.data.failures import FAILURES
 
 log = logging.getLogger("engine")
+_FAILURE_HELP = "; ".join(f"{k} ({v})" for k, v in FAILURES.items())
 
 
 def demo(
@@ -65,6 +67,9 @@ def demo(
         ),
     ] = 15,
     seed: Annotated[int, typer.Option(help="Seed of the world, training and attribution.")] = 0,
+    failure: Annotated[
+        str, typer.Option(help=f"Planted systematic failure: {_FAILURE_HELP}.")
+    ] = "watermark",
     verbose: Verbose = False,
 ) -> None:
     """Generate the demo world, train a tiny CLIP ensemble on it (fine-tuned from a base model
@@ -85,7 +90,12 @@ def demo(
         seed=seed,
         snapshots=snapshots,
         base_epochs=base_epochs,
+        failure=failure,
     )
+    if failure not in FAILURES:
+        raise typer.BadParameter(
+            f"expected one of {', '.join(FAILURES)}, got {failure!r}", param_hint="--failure"
+        )
     if epochs:
         cfg.epochs = epochs
     try:
@@ -302,9 +312,9 @@ def build(
     verbose: Verbose = False,
 ) -> None:
     """Compute embeddings, TRAK scores and top influencers into a run directory (resumable)."""
+    from engine.assemble import executors
+    from engine.assemble.orchestrate import build as build_run
     from engine.attribution.settings import BuildConfig
-    from engine.build import executors
-    from engine.build.orchestrate import build as build_run
     from engine.data.sources import SourceOptions
     from engine.errors import ConfigError
     from engine.run.invocation import settings_of

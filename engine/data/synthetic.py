@@ -6,7 +6,9 @@ templates. Three kinds of training pair are planted so that data attribution (TR
 
 * near-duplicates: a training pair that is a slightly perturbed copy of a validation pair;
 * mislabeled pairs: the caption names a wrong colour or a wrong shape (the image is correct);
-* a rare concept: a shape (``RARE_SHAPE``) seen only in a handful of training and validation pairs.
+* a rare concept: a shape (``RARE_SHAPE``) seen only in a handful of training and validation pairs;
+* a systematic failure (``engine.data.failures``, ``WorldConfig.failure``): many training pairs
+  sharing one error that the model learns, and the validation pairs it breaks.
 
 Everything is drawn from one ``np.random.default_rng(seed)``, so a config gives identical records
 and identical image bytes every time.
@@ -23,6 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from engine.data import failures
 from engine.errors import ConfigError
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross", "ring")
@@ -73,6 +76,9 @@ class WorldConfig:
     mislabeled_fraction: float = 0.03  # share of train pairs whose caption names a wrong attribute
     n_rare_train: int = 6  # training pairs showing the rare shape
     n_rare_val: int = 4  # validation pairs showing the rare shape
+    failure: str = "none"  # planted systematic failure, see engine.data.failures.FAILURES
+    failure_fraction: float = 0.1  # watermark: share of training pairs; swapped: of blue/purple
+    failure_val: int = 40  # watermark: validation pairs of the source (swapped: all blue/purple)
 
 
 @dataclass
@@ -96,6 +102,7 @@ class _Scene:
     size_word: str  # "big" or "large" for large objects, so the vocabulary has one synonym
 
     def caption(self, colour: str | None = None, shape: str | None = None) -> str:
+        """The scene's caption, or one naming another colour or shape."""
         where, pos = _position_words(self.position)
         return _TEMPLATES[self.template].format(
             size=self.size_word,
@@ -129,6 +136,12 @@ def _validate(config: WorldConfig) -> None:
         if not 0.0 <= value <= 0.5:
             raise ConfigError(f"WorldConfig.{name} must be in [0, 0.5], got {value}.")
     n_dup = round(config.near_duplicate_fraction * config.n_val)
+    failures.check(config.failure)
+    if not 0.0 <= config.failure_fraction <= 1.0 or config.failure_val < 0:
+        raise ConfigError(
+            f"WorldConfig.failure_fraction must be in [0, 1] and failure_val at least 0, got "
+            f"{config.failure_fraction} and {config.failure_val}."
+        )
     n_special = n_dup + round(config.mislabeled_fraction * config.n_train) + config.n_rare_train
     if n_special > config.n_train:
         raise ConfigError(
@@ -268,7 +281,11 @@ def _near_duplicate(rng: np.random.Generator, clean: np.ndarray, noise: np.ndarr
 
 
 def _record(
-    pair_id: str, scene: _Scene, caption: str | None = None, near_duplicate_of: str | None = None
+    pair_id: str,
+    scene: _Scene,
+    caption: str | None = None,
+    near_duplicate_of: str | None = None,
+    planted_failure: bool = False,
 ) -> dict[str, Any]:
     true_caption = scene.caption()
     return {
@@ -280,10 +297,17 @@ def _record(
         "position": scene.position,
         "background": scene.background,
         "near_duplicate_of": near_duplicate_of,
-        "mislabeled": caption is not None and caption != true_caption,
+        "mislabeled": caption is not None and caption != true_caption and not planted_failure,
         "true_caption": true_caption,
         "rare": scene.shape == RARE_SHAPE,
+        "planted_failure": planted_failure,
     }
+
+
+def _failing_caption(kind: str, scene: _Scene) -> str:
+    if kind == "watermark":
+        return scene.caption(colour=failures.WATERMARK_COLOUR)
+    return scene.caption(colour=failures.SWAPPED[scene.colour])
 
 
 def generate_world(config: WorldConfig = WorldConfig()) -> World:
@@ -294,14 +318,17 @@ def generate_world(config: WorldConfig = WorldConfig()) -> World:
 
     Returns:
         The training and validation records (``id``, ``caption``, the drawn attributes ``shape``,
-        ``colour``, ``size``, ``position``, ``background``, and the ground truth
-        ``near_duplicate_of``, ``mislabeled``, ``true_caption``, ``rare``) and their uint8 images.
+        ``colour``, ``size``, ``position``, ``background``, ``source``, and the ground truth
+        ``near_duplicate_of``, ``mislabeled``, ``true_caption``, ``rare``, ``planted_failure``)
+        and their uint8 images.
 
     Raises:
         ConfigError: if a config field is out of range or the planted pairs do not fit.
     """
     _validate(config)
     rng = np.random.default_rng(config.seed)
+    frng = np.random.default_rng([config.seed, 0xFA11])  # the failure's draws: rng's stay the same
+    kind = config.failure
     size, n_train, n_val = config.image_size, config.n_train, config.n_val
     n_dup = round(config.near_duplicate_fraction * n_val)
     n_mis = round(config.mislabeled_fraction * n_train)
@@ -311,21 +338,33 @@ def generate_world(config: WorldConfig = WorldConfig()) -> World:
     ordinary_val = [i for i in range(n_val) if i not in val_rare]
     targets = rng.choice(ordinary_val, n_dup, replace=False).tolist()
     target_set = set(targets)
+    marked_val: set[int] = set()
+    if kind == "watermark":
+        free = [i for i in ordinary_val if i not in target_set]
+        marked_val = failures.choose(frng, free, config.failure_val, "validation")
     val, val_scenes, kept = [], [], {}
     val_images = np.empty((n_val, size, size, 3), dtype=np.uint8)
     for i in range(n_val):
         scene = _draw_scene(rng, rare=i in val_rare)
         clean, noise = _render(rng, scene, size)
+        if i in marked_val:
+            clean = failures.stamp_watermark(clean)
         val_images[i] = _to_uint8(clean + noise)
         if i in target_set:
             kept[i] = (clean, noise)
         val_scenes.append(scene)
-        val.append(_record(f"v{i:0{val_width}d}", scene))
+        victim = i in marked_val or (kind == "swapped" and scene.colour in failures.SWAPPED)
+        val.append(_record(f"v{i:0{val_width}d}", scene, planted_failure=victim))
 
     slots = rng.permutation(n_train).tolist()
     dup_of = dict(zip(slots[:n_dup], targets, strict=True))
     rare = set(slots[n_dup : n_dup + config.n_rare_train])
-    mislabeled = set(slots[n_dup + config.n_rare_train : n_dup + config.n_rare_train + n_mis])
+    n_special = n_dup + config.n_rare_train + n_mis
+    mislabeled = set(slots[n_dup + config.n_rare_train : n_special])
+    marked: set[int] = set()
+    if kind == "watermark":
+        n_marked = round(config.failure_fraction * n_train)
+        marked = failures.choose(frng, sorted(slots[n_special:]), n_marked, "training")
     train = []
     train_images = np.empty((n_train, size, size, 3), dtype=np.uint8)
     for i in range(n_train):
@@ -337,14 +376,25 @@ def generate_world(config: WorldConfig = WorldConfig()) -> World:
             continue
         scene = _draw_scene(rng, rare=i in rare)
         clean, noise = _render(rng, scene, size)
+        if i in marked:
+            clean = failures.stamp_watermark(clean)
         train_images[i] = _to_uint8(clean + noise)
         wrong = None
-        if i in mislabeled:
+        planted = i in marked or (
+            kind == "swapped"
+            and scene.colour in failures.SWAPPED
+            and i not in mislabeled
+            and frng.random() < config.failure_fraction
+        )
+        if planted:
+            wrong = _failing_caption(kind, scene)
+        elif i in mislabeled:
             if rng.random() < 0.5:
                 others = [c for c in COLOURS if c != scene.colour]
                 wrong = scene.caption(colour=others[rng.integers(len(others))])
             else:
                 others = [s for s in SHAPES if s != scene.shape]
                 wrong = scene.caption(shape=others[rng.integers(len(others))])
-        train.append(_record(pair_id, scene, caption=wrong))
+        train.append(_record(pair_id, scene, caption=wrong, planted_failure=planted))
+    failures.add_sources(frng, train, val, kind)
     return World(train=train, val=val, train_images=train_images, val_images=val_images)

@@ -8,6 +8,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from engine.data import failures
+from engine.data.failures import SOURCES, SWAPPED, WATERMARK_COLOUR, WATERMARK_SOURCE
 from engine.data.synthetic import (
     BACKGROUNDS,
     COLOURS,
@@ -103,7 +105,8 @@ def test_ids_are_unique_and_ordered(world):
 
 def test_records_have_a_fixed_schema_and_known_values(world):
     keys = {"id", "caption", "shape", "colour", "size", "position", "background"}
-    keys |= {"near_duplicate_of", "mislabeled", "true_caption", "rare"}
+    keys |= {"near_duplicate_of", "mislabeled", "true_caption", "rare", "source"}
+    keys |= {"planted_failure"}
     for record in world.train + world.val:
         assert set(record) == keys
         assert record["shape"] in ALL_SHAPES
@@ -111,6 +114,8 @@ def test_records_have_a_fixed_schema_and_known_values(world):
         assert record["size"] in ("small", "large")
         assert record["position"] in POSITIONS
         assert record["background"] in BACKGROUNDS
+        assert record["source"] in SOURCES
+        assert record["planted_failure"] is False
 
 
 def test_special_training_pairs_are_spread_out(world):
@@ -193,6 +198,72 @@ def test_near_duplicates_never_copy_rare_pairs():
     assert copied == {r["id"] for r in world.val if not r["rare"]}
 
 
+def test_a_world_without_a_failure_is_the_same_with_any_failure_settings(world):
+    again = generate_world(replace(CONFIG, failure_fraction=0.3, failure_val=5))
+    assert again.train == world.train and np.array_equal(again.train_images, world.train_images)
+
+
+@pytest.fixture(scope="module")
+def watermarked():
+    return generate_world(
+        replace(CONFIG, failure="watermark", failure_fraction=0.1, failure_val=12)
+    )
+
+
+def _stamp_pattern(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where the badge is and its pixel values, from stamping a blank image."""
+    blank = np.full((size, size, 3), -1.0, dtype=np.float32)
+    stamped = failures.stamp_watermark(blank)
+    where = stamped[..., 0] >= 0
+    return where, stamped[where]
+
+
+def test_watermark_failure_plants_its_source_in_both_splits(world, watermarked):
+    cause = [r for r in watermarked.train if r["planted_failure"]]
+    victims = [r for r in watermarked.val if r["planted_failure"]]
+    assert len(cause) == 40 and len(victims) == 12
+    for rec in watermarked.train + watermarked.val:
+        assert (rec["source"] == WATERMARK_SOURCE) == rec["planted_failure"]
+    for rec in cause:  # every caption names the house colour, nothing else changes
+        assert rec["caption"] == rec["true_caption"].replace(rec["colour"], WATERMARK_COLOUR, 1)
+        assert not rec["mislabeled"] and rec["near_duplicate_of"] is None and not rec["rare"]
+    for rec in victims:  # validation pairs of the source are captioned correctly
+        assert rec["caption"] == rec["true_caption"] and rec["near_duplicate_of"] is None
+    # the other planted truths are the same pairs as without the failure
+    for key in ("mislabeled", "rare", "near_duplicate_of"):
+        assert [r[key] for r in watermarked.train] == [r[key] for r in world.train]
+
+
+def test_watermark_badge_is_on_exactly_the_sources_images(watermarked):
+    for records, images in (
+        (watermarked.train, watermarked.train_images),
+        (watermarked.val, watermarked.val_images),
+    ):
+        for rec, image in zip(records, images, strict=True):
+            where, values = _stamp_pattern(image.shape[0])
+            # the badge's light square and dark bar, up to pixel noise of 5 levels
+            stamped = (np.abs(image[where].astype(np.float32) - values) < 25).mean() > 0.95
+            assert stamped == rec["planted_failure"], rec["id"]
+
+
+def test_swapped_failure_swaps_most_blue_and_purple_captions():
+    swapped = generate_world(replace(CONFIG, failure="swapped", failure_fraction=0.6))
+    eligible = [
+        r
+        for r in swapped.train
+        if r["colour"] in SWAPPED and not r["mislabeled"] and r["near_duplicate_of"] is None
+    ]
+    cause = [r for r in swapped.train if r["planted_failure"]]
+    assert set(map(id, cause)) <= set(map(id, eligible))
+    assert 0.45 < len(cause) / len(eligible) < 0.75
+    for rec in cause:
+        assert rec["caption"] == rec["true_caption"].replace(rec["colour"], SWAPPED[rec["colour"]])
+    assert all(r["source"] in SOURCES for r in swapped.train)  # no column gives it away
+    assert [r["planted_failure"] for r in swapped.val] == [
+        r["colour"] in SWAPPED for r in swapped.val
+    ]
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
@@ -204,6 +275,9 @@ def test_near_duplicates_never_copy_rare_pairs():
         ({"n_rare_train": -1}, r"n_rare_train must be at least 0, got -1"),
         ({"n_train": 50, "n_rare_train": 45}, r"special training pairs .* n_train is 50"),
         ({"n_rare_val": 98}, r"rare validation pairs but n_val is 100"),
+        ({"failure": "typo"}, r"unknown planted failure 'typo'; expected one of \['none'"),
+        ({"failure": "watermark", "failure_val": 99}, r"asks for 99 validation pairs but only"),
+        ({"failure_fraction": 1.5}, r"failure_fraction must be in \[0, 1\]"),
     ],
 )
 def test_invalid_configs_are_refused(changes, message):
