@@ -79,3 +79,7 @@ class EvalMismatchError(EvalError):
 
 class CurateError(TrakviewError):
     """A basket, a selection or a cleaned-set export that cannot be made as asked."""
+
+
+class CompareError(EvalError):
+    """Two runs that cannot be compared (no shared validation pair, incomparable margins)."""

@@ -1,5 +1,5 @@
 """The ``trakview`` command line: demo | train | build | serve | query | export | eval | basket |
-info.
+info | compare.
 
 Errors about the user's input, run or environment (``engine.errors.TrakviewError``) are printed
 as one line (``error: ...``) with exit status 2; anything else is a bug and keeps its traceback.
@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from engine.cli import basket_cmds, eval_cmds, explore, pipeline
+from engine.cli import basket_cmds, compare_cmds, eval_cmds, explore, pipeline
 
 app = typer.Typer(
     add_completion=False,
@@ -28,6 +28,7 @@ for command in (
     explore.query,
     explore.export,
     explore.info,
+    compare_cmds.compare,
 ):
     app.command()(command)
 app.add_typer(eval_cmds.eval_app, name="eval")

@@ -101,6 +101,10 @@ def serve(
     base_url_path: Annotated[
         str, typer.Option(help="URL prefix behind a reverse proxy, e.g. trakview.")
     ] = "",
+    compare: Annotated[
+        Path | None,
+        typer.Option(help="A second run for the Compare page: the run built after a fix."),
+    ] = None,
 ) -> None:
     """Open the dashboard on a run (Streamlit; Ctrl-C stops it). It only reads the run."""
     import importlib.util
@@ -112,6 +116,10 @@ def serve(
     from engine.run.manifest import open_manifest
 
     open_manifest(run)
+    env = {**os.environ, "TRAKVIEW_RUN": str(Path(run).resolve())}
+    if compare is not None:
+        open_manifest(compare)
+        env["TRAKVIEW_COMPARE"] = str(Path(compare).resolve())
     app_py = Path(importlib.util.find_spec("dashboard").origin).parent / "app.py"
     cmd = [sys.executable, "-m", "streamlit", "run", str(app_py), "--server.port", str(port)]
     cmd += ["--server.address", host, "--server.baseUrlPath", base_url_path]
@@ -133,7 +141,7 @@ def serve(
             f"dashboard of {run} on {url}, EXPOSED on {host}: anyone who can reach this machine "
             "can browse the run's images and upload files (Ctrl-C stops it)"
         )
-    proc = subprocess.Popen(cmd, env={**os.environ, "TRAKVIEW_RUN": str(Path(run).resolve())})
+    proc = subprocess.Popen(cmd, env=env)
     # Ctrl-C and SIGTERM go on to Streamlit, so stopping this process never leaves it running.
     stops = (signal.SIGINT, signal.SIGTERM)
     forward = {s: signal.signal(s, lambda n, _: proc.send_signal(n)) for s in stops}
