@@ -15,6 +15,7 @@ page = st.navigation(
         st.Page("pages/upload.py", title="Upload a pair", icon=":material/upload:"),
         st.Page("pages/overview.py", title="Overview", icon=":material/monitoring:"),
         st.Page("pages/basket.py", title="Basket", icon=":material/shopping_basket:"),
+        st.Page("pages/compare.py", title="Compare runs", icon=":material/compare_arrows:"),
     ]
 )
 run = state.run_dir()

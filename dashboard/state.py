@@ -14,16 +14,20 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import plotly.graph_objects as go
 import streamlit as st
 
 from dashboard import plots
 from engine.errors import TrakviewError
+from engine.evaluate import compare_report
+from engine.evaluate.compare import CompareConfig, Comparison, compare
 from engine.explore.view import RunView
 from engine.run.layout import RunLayout
 
 RUN_ENV = "TRAKVIEW_RUN"
+COMPARE_ENV = "TRAKVIEW_COMPARE"  # the Compare page's second run (`trakview serve --compare`)
 TIMINGS_ENV = "TRAKVIEW_TIMINGS"  # a file: each page run appends its seconds (bench_serve)
 
 
@@ -108,3 +112,51 @@ def val_figures(_run: RunView, key: str, val_id: str, k: int) -> tuple[go.Figure
     """The figures of a validation pair's result, shared by every session that selects it (a
     shared object, not a copy: unpickling a plotly figure validates it again, ~25 ms)."""
     return plots.result_figures(_run, _run.for_val(val_id, k), k)
+
+
+def compare_dir(argv: list[str] | None = None) -> Path | None:
+    """The Compare page's second run: ``--compare DIR`` after ``--`` on the command line, else
+    $TRAKVIEW_COMPARE (``trakview serve RUN --compare RUN_B`` sets it)."""
+    argv = sys.argv[1:] if argv is None else argv
+    for i, arg in enumerate(argv):
+        if arg == "--compare" and i + 1 < len(argv):
+            return Path(argv[i + 1])
+        if arg.startswith("--compare="):
+            return Path(arg.split("=", 1)[1])
+    env = os.environ.get(COMPARE_ENV)
+    return Path(env) if env else None
+
+
+def open_other(path: Path) -> RunView:
+    """A second run (the Compare page's), opened once per server and shared like the first.
+
+    Raises:
+        TrakviewError: not a finished run.
+    """
+    path = path.resolve()
+    return _load_view(str(path), _stamp(path))
+
+
+@st.cache_data(ttl=30, show_spinner=False)
+def sibling_runs(run: str) -> list[str]:
+    """Finished runs beside ``run``: folders up to three levels under its parent (bench_compare
+    keeps its runs B in ``compare/NAME/run``) holding a manifest and pair lists, ``run`` itself
+    left out."""
+    here = Path(run).resolve()
+    found = set()
+    for depth in range(1, 4):
+        for manifest in here.parent.glob("*/" * depth + RunLayout(".").manifest.name):
+            layout = RunLayout(manifest.parent)
+            if layout.config.is_file() and layout.pairs("val").is_file():
+                found.add(manifest.parent)
+    return [str(p) for p in sorted(found - {here})]
+
+
+@st.cache_resource(max_entries=16, show_spinner="Comparing the two runs…")
+def comparison(
+    _a: RunView, _b: RunView, key: str, basket: str | None, columns: tuple[str, ...]
+) -> tuple[Comparison, dict[str, Any]]:
+    """Two runs compared (``engine.evaluate.compare``) and its summaries (``compare_report``),
+    once per pair of runs (``key``), basket and column groups, shared by every session."""
+    c = compare(_a, _b, CompareConfig(basket=basket, columns=list(columns)))
+    return c, compare_report.to_json(c)

@@ -237,3 +237,82 @@ def test_basket_from_a_card_to_the_cleaned_csv(page, csv_run, arrays, tmp_path):
         rows = list(csv.DictReader(fh, delimiter="\t"))
     assert [r["id"] for r in rows] == [r["id"] for n, r in enumerate(train) if n != i]
     assert rows[0]["title"] == train[0 if i else 1]["caption"]
+
+
+# --- Compare: run B (retrained without a basket of A) against A, predicted against actual ---
+
+
+def test_compare_page_before_and_after(
+    page, run_dir, pairs, tensors, small_train, tmp_path_factory, tmp_path, monkeypatch
+):
+    """`serve A` with run B (the runs of tests/dashboard/test_compare.py, built once a session):
+    the headline numbers, the predicted-against-actual scatter, a point clicked selects its pair,
+    and both runs' influencer images load for it."""
+    from dataclasses import replace
+    from shutil import copytree, ignore_patterns
+
+    from engine.assemble.orchestrate import build
+    from engine.curate import baskets, select
+    from engine.data.pairs import PairSet
+    from engine.files import read_jsonl
+    from engine.models import train
+    from engine.run.layout import RunLayout
+    from engine.run.manifest import open_manifest
+
+    base = tmp_path_factory.getbasetemp() / "compare"
+    a, b = base / "run_a", base / "run_b"
+    if not RunLayout(b).manifest.is_file():  # as test_compare.py's runs_a_b builds them
+        copytree(run_dir, a, ignore=ignore_patterns("eval", "baskets"))
+        records = read_jsonl(RunLayout(a).pairs("train"))
+        gone = select.top_suspects(np.load(RunLayout(a).suspect), 12)
+        baskets.add_rows(RunLayout(a), "sus", records, gone, "suspect", "suspects")
+        keep = np.setdiff1d(np.arange(len(records)), gone)
+        images, tokens = tensors["train"]
+        models = train.train_ensemble(images[keep], tokens[keep], small_train, base / "models")
+        cfg = replace(open_manifest(a).config, checkpoints=[str(p) for p in models])
+        kept = PairSet([pairs[0].records[i] for i in keep], pairs[0].root)
+        build(kept, PairSet(pairs[1].records[3:], pairs[1].root), cfg, b)
+    val_a = read_jsonl(a / "val.jsonl")
+    margin_b = {
+        r["id"]: m
+        for r, m in zip(read_jsonl(b / "val.jsonl"), np.load(b / "val_margin.npy"), strict=True)
+    }
+    matched = [j for j, r in enumerate(val_a) if r["id"] in margin_b]
+    delta = (
+        np.array([margin_b[val_a[j]["id"]] for j in matched])
+        - np.load(a / "val_margin.npy")[matched]
+    )
+    gone = [e.row for e in baskets.read_basket(RunLayout(a), "sus").entries]
+    predicted = -np.load(a / "scores.npy")[gone].sum(0)[matched]
+    at = int(np.argmax(predicted))  # the rightmost point: clear of the others
+    at = at if at != int(np.argmin(delta)) else int(np.argmin(predicted))
+    picked = val_a[matched[at]]
+    monkeypatch.setenv("TRAKVIEW_COMPARE", str(b))  # what `serve --compare` sets (test_compare)
+    with serving(a, tmp_path / "serve.log") as url:
+        page.goto(url)  # through the app's navigation, as a user gets there
+        page.get_by_role("link", name="Compare runs").click()
+        page.get_by_role("heading", name="Did the fix work? Two runs compared").wait_for()
+        page.get_by_text("Matched validation pairs").wait_for()
+        assert page.locator('[data-testid="stMetricValue"]').first.inner_text() == "37"
+        worst = val_a[matched[int(np.argmin(delta))]]
+        page.get_by_role("heading", name=worst["caption"]).wait_for()  # the most regressed first
+        for side in ("a", "b"):
+            wait_images(
+                page, f'[data-testid="stColumn"]:has([class*="st-key-cmp-{side}-pos"]) img', 6
+            )
+        points = ".st-key-cmp-scatter .scatterlayer .trace:first-child .point"
+        page.wait_for_function(
+            "([sel, n]) => document.querySelectorAll(sel).length === n", arg=[points, len(matched)]
+        )
+        box = page.locator(points).nth(at).bounding_box()  # plotly's drag layer takes the click
+        page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        page.wait_for_function(
+            "id => document.querySelector('.st-key-cmp-pair input').value.startsWith(id + ':')",
+            arg=picked["id"],
+        )
+        page.get_by_role("heading", name=picked["caption"]).wait_for()
+        for side in ("a", "b"):
+            wait_images(
+                page, f'[data-testid="stColumn"]:has([class*="st-key-cmp-{side}-pos"]) img', 6
+            )
+        page.screenshot(path=str(tmp_path / "compare.png"), full_page=True)
