@@ -193,7 +193,7 @@ def val_cards(run: RunView, rows: np.ndarray, delta: np.ndarray, sign: str, n_co
                     unsafe_allow_html=True,
                 )
                 st.page_link(
-                    "pages/explore.py",
+                    "views/explore.py",
                     label=html.escape(str(rec["id"])),
                     icon=":material/arrow_forward:",
                     query_params={"val": rec["id"]},

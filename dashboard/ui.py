@@ -283,7 +283,7 @@ def train_detail(run: RunView, index: int) -> None:
                     unsafe_allow_html=True,
                 )
                 st.page_link(
-                    "pages/explore.py",
+                    "views/explore.py",
                     label=plain(val["id"]),
                     icon=":material/arrow_forward:",
                     query_params={"val": val["id"]},

@@ -38,9 +38,9 @@ def metric(at: AppTest, label: str) -> str:
 
 
 def test_the_basket_page_on_an_empty_run_writes_nothing(csv_run, monkeypatch):
-    at = app(csv_run, monkeypatch, "pages/basket.py")
+    at = app(csv_run, monkeypatch, "views/basket.py")
     assert any("No basket yet" in i.value for i in at.info)
-    at.switch_page("pages/overview.py").run()
+    at.switch_page("views/overview.py").run()
     assert not at.exception, at.exception
     assert not RunLayout(csv_run).baskets_dir.exists()
 
@@ -61,7 +61,7 @@ def test_add_by_threshold_and_from_a_list_then_see_the_effect(csv_run, monkeypat
     assert {(e.how, e.why) for e in basket.entries} == {("threshold", "hurts the first pair")}
     assert basket.chosen_with_val == [val[0]["id"]]
 
-    at.switch_page("pages/basket.py").run()
+    at.switch_page("views/basket.py").run()
     assert not at.exception, at.exception
     delta = -scores[hurting].astype(np.float64).sum(axis=0)
     assert metric(at, "Mean validation margin") == f"{delta.mean():+.4f}"
@@ -76,7 +76,7 @@ def test_add_by_threshold_and_from_a_list_then_see_the_effect(csv_run, monkeypat
     table = at.dataframe(key="basket-table").value
     assert list(table["id"]) == basket.ids and set(table["how"]) == {"threshold"}
 
-    at.switch_page("pages/overview.py").run()
+    at.switch_page("views/overview.py").run()
     at.number_input(key="ov-sus-basket-n").set_value(3)  # in a form: sent with the submit
     submit(at, "ov-sus-basket")
     suspects = np.argsort(-np.load(layout.suspect), kind="stable")[:3]

@@ -59,7 +59,7 @@ def compare_page(monkeypatch, a: Path, b: Path | None) -> AppTest:
     else:
         monkeypatch.setenv(state.COMPARE_ENV, str(b))
     at = AppTest.from_file(str(APP), default_timeout=120).run()
-    at.switch_page("pages/compare.py").run()
+    at.switch_page("views/compare.py").run()
     assert not at.exception, at.exception
     return at
 

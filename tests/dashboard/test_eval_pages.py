@@ -38,7 +38,7 @@ def app(run: Path, monkeypatch, page: str, query_params: dict | None = None) -> 
     at = AppTest.from_file(str(APP), default_timeout=60)
     at.query_params.update(query_params or {})
     at.run()
-    if page != "pages/explore.py":
+    if page != "views/explore.py":
         at.switch_page(page).run()
     assert not at.exception
     return at
@@ -50,7 +50,7 @@ def table(at: AppTest, column: str):
 
 
 def test_overview_shows_the_lds_and_the_removal_summary(evaluated_run, monkeypatch):
-    at = app(evaluated_run, monkeypatch, "pages/overview.py")
+    at = app(evaluated_run, monkeypatch, "views/overview.py")
     lds = read_json(evaluated_run / "eval" / "lds.json")
     shown = table(at, "LDS")
     ranked = sorted(lds["methods"].items(), key=lambda kv: -kv[1]["lds"])
@@ -67,7 +67,7 @@ def test_overview_shows_the_lds_and_the_removal_summary(evaluated_run, monkeypat
 
 
 def test_overview_without_an_evaluation_says_how_to_make_one(run_dir, monkeypatch):
-    at = app(run_dir, monkeypatch, "pages/overview.py")
+    at = app(run_dir, monkeypatch, "views/overview.py")
     messages = " ".join(i.value for i in at.info)
     assert "trakview eval lds" in messages and "trakview eval remove" in messages
     assert not at.get("plotly_chart")
@@ -77,7 +77,7 @@ def test_explore_shows_a_pairs_removal_result(evaluated_run, monkeypatch):
     val = read_jsonl(evaluated_run / "val.jsonl")
     removal = read_json(evaluated_run / "eval" / "remove.json")
     entry = removal["targets"][val[1]["id"]]
-    at = app(evaluated_run, monkeypatch, "pages/explore.py", {"val": val[1]["id"]})
+    at = app(evaluated_run, monkeypatch, "views/explore.py", {"val": val[1]["id"]})
     shown = table(at, "change")
     expected = {
         ("top-k by TRAK (trakview)" if m == "trak" else "k random pairs"): f"{r['3']['delta']:+.3f}"
@@ -91,6 +91,6 @@ def test_explore_shows_a_pairs_removal_result(evaluated_run, monkeypatch):
     assert not at.get("plotly_chart")  # nothing added (the pair view's plots are closed)
 
     # a pair without a removal experiment says how to run one
-    at = app(evaluated_run, monkeypatch, "pages/explore.py", {"val": val[2]["id"]})
+    at = app(evaluated_run, monkeypatch, "views/explore.py", {"val": val[2]["id"]})
     assert any(f"--val {val[2]['id']}" in c.value for c in at.caption)
     assert not [d for d in at.dataframe if "change" in d.value.columns]

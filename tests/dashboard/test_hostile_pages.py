@@ -20,7 +20,7 @@ def _tree(folder: Path) -> list:
 def _upload_page(run: Path, monkeypatch) -> AppTest:
     monkeypatch.setenv(state.RUN_ENV, str(run))
     at = AppTest.from_file(str(APP), default_timeout=120).run()
-    at.switch_page("pages/upload.py").run()
+    at.switch_page("views/upload.py").run()
     return at
 
 

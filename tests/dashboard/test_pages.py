@@ -159,7 +159,7 @@ def png_bytes(path: Path) -> bytes:
 def test_upload_runs_a_query(run_dir, monkeypatch, arrays):
     files_before = sorted(run_dir.rglob("*"))
     at = app(run_dir, monkeypatch)
-    at.switch_page("pages/upload.py").run()
+    at.switch_page("views/upload.py").run()
     assert not at.exception
     j = 3
     rec = arrays["val"][j]
@@ -185,7 +185,7 @@ def test_upload_runs_a_query(run_dir, monkeypatch, arrays):
 
 def test_upload_refuses_a_file_that_is_not_an_image(run_dir, monkeypatch):
     at = app(run_dir, monkeypatch)
-    at.switch_page("pages/upload.py").run()
+    at.switch_page("views/upload.py").run()
     at.get("file_uploader")[0].upload("fake.png", b"not a png at all", "image/png")
     at.text_input[0].input("a red circle")
     at.button[0].click().run()
@@ -195,7 +195,7 @@ def test_upload_refuses_a_file_that_is_not_an_image(run_dir, monkeypatch):
 
 def test_overview_galleries(run_dir, monkeypatch, arrays):
     at = app(run_dir, monkeypatch)
-    at.switch_page("pages/overview.py").run()
+    at.switch_page("views/overview.py").run()
     assert not at.exception
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Training pairs"] == f"{len(arrays['train']):,}"
@@ -222,7 +222,7 @@ BAD_RUNS = {
 
 
 @pytest.mark.parametrize("kind", BAD_RUNS)
-@pytest.mark.parametrize("page", ["pages/explore.py", "pages/upload.py", "pages/overview.py"])
+@pytest.mark.parametrize("page", ["views/explore.py", "views/upload.py", "views/overview.py"])
 def test_a_bad_run_shows_a_message(tmp_path, monkeypatch, kind, page):
     content, message = BAD_RUNS[kind]
     bad = tmp_path / "run"

@@ -49,11 +49,11 @@ def test_every_page_leaves_a_webdataset_run_untouched(tmp_path, pairs, checkpoin
     card = next(b for b in at.button if b.key and b.key.startswith("ex-pos-open-"))
     card.click().run()  # the training pair's dialog, with the images it moves
     assert not at.exception, at.exception
-    at.switch_page("pages/upload.py").run()
+    at.switch_page("views/upload.py").run()
     at.get("file_uploader")[0].upload("q.png", pairs[1].image_path(0).read_bytes(), "image/png")
     at.text_input[0].input(pairs[1].captions[0])
     at.button[0].click().run()
-    at.switch_page("pages/overview.py").run()
+    at.switch_page("views/overview.py").run()
     assert not at.exception, at.exception
     assert _tree(run) == before
     assert not (run / "cache").exists()

@@ -24,7 +24,7 @@ def _page(run: Path, monkeypatch, page: str | None = None) -> AppTest:
 
 
 def test_a_model_at_chance_gets_the_no_signal_banner(untrained_run, monkeypatch):
-    for page in (None, "pages/overview.py"):
+    for page in (None, "views/overview.py"):
         at = _page(untrained_run, monkeypatch, page)
         banners = [e.value for e in at.error]
         assert any(b.startswith("**Attributions: no signal.**") for b in banners), banners
@@ -34,12 +34,12 @@ def test_a_model_at_chance_gets_the_no_signal_banner(untrained_run, monkeypatch)
 def test_a_model_that_learnt_shows_no_banner_on_explore(run_dir, monkeypatch):
     at = _page(run_dir, monkeypatch)
     assert not any("Attributions:" in e.value for e in [*at.error, *at.warning])
-    overview = _page(run_dir, monkeypatch, "pages/overview.py")
+    overview = _page(run_dir, monkeypatch, "views/overview.py")
     assert any(s.value.startswith("**Attributions: reliable.**") for s in overview.success)
 
 
 def test_overview_compares_the_suspect_signals_on_ground_truth(run_dir, monkeypatch):
-    at = _page(run_dir, monkeypatch, "pages/overview.py")
+    at = _page(run_dir, monkeypatch, "views/overview.py")
     column = "ROC AUC (planted mislabeled pairs)"
     table = next(d.value for d in at.dataframe if column in d.value.columns)
     assert list(table["signal"]) == [

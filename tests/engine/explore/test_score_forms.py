@@ -133,7 +133,7 @@ def test_every_form_opens_everywhere(
         monkeypatch.setenv(state.RUN_ENV, str(run))
         at = AppTest.from_file(str(APP), default_timeout=60).run()
         assert not at.exception, (run, at.exception)
-        for page in ("pages/overview.py", "pages/upload.py"):
+        for page in ("views/overview.py", "views/upload.py"):
             at.switch_page(page).run()
             assert not at.exception, (run, page, at.exception)
         query = runner.invoke(app, ["query", str(run), "--image", image, "--caption", "a ring"])
