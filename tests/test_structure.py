@@ -26,6 +26,7 @@ LAYERS = [
     "search",
     "assemble",
     "explore",
+    "explain",
     "curate",
     "evaluate",
     "demo",

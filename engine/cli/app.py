@@ -1,5 +1,5 @@
-"""The ``trakview`` command line: demo | train | build | serve | query | export | eval | basket |
-info | compare.
+"""The ``trakview`` command line: demo | train | build | serve | query | export | explain | eval |
+basket | info | compare.
 
 Errors about the user's input, run or environment (``engine.errors.TrakviewError``) are printed
 as one line (``error: ...``) with exit status 2; anything else is a bug and keeps its traceback.
@@ -12,7 +12,15 @@ import sys
 
 import typer
 
-from engine.cli import basket_cmds, compare_cmds, eval_cmds, explore, pipeline
+from engine.cli import (  # noqa: F401  (basket_group: registers its commands)
+    basket_cmds,
+    basket_group,
+    compare_cmds,
+    eval_cmds,
+    explain_cmds,
+    explore,
+    pipeline,
+)
 
 app = typer.Typer(
     add_completion=False,
@@ -28,11 +36,12 @@ for command in (
     explore.query,
     explore.export,
     explore.info,
+    explain_cmds.explain,
     compare_cmds.compare,
 ):
     app.command()(command)
 app.add_typer(eval_cmds.eval_app, name="eval")
-app.add_typer(basket_cmds.basket_app, name="basket")
+app.add_typer(basket_cmds.basket_app, name="basket")  # basket_group adds `basket grow` to it
 
 
 def main() -> None:

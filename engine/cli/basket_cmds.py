@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
+from engine.cli import basket_text
 from engine.cli.options import (
     CaptionKey,
     CocoCaptions,
@@ -21,11 +22,13 @@ from engine.cli.options import (
     Verbose,
     setup_logging,
 )
+from engine.curate.choices import CAUSE_RANKINGS
+from engine.evaluate.choices import CONTROLS
 
 basket_app = typer.Typer(
     no_args_is_help=True,
     help="Baskets of training pairs kept in the run (RUN/baskets/NAME.json): list | add | remove "
-    "| import | effect | export.",
+    "| import | grow | effect | export.",
 )
 
 NameArg = Annotated[str, typer.Argument(help="The basket's name (letters, digits, . _ -).")]
@@ -42,7 +45,12 @@ Ensembles = Annotated[
     ),
 ]
 Controls = Annotated[
-    str, typer.Option(help="Comma-separated controls: clip-low, random (or none).")
+    str,
+    typer.Option(
+        help="Comma-separated controls (or none): "
+        + "; ".join(f"{k}: {v}" for k, v in CONTROLS.items())
+        + "."
+    ),
 ]
 Measure = Annotated[
     str,
@@ -116,6 +124,33 @@ def add(
         str | None,
         typer.Option(help="Add the pairs whose field KEY equals VALUE, given as KEY=VALUE."),
     ] = None,
+    causes: Annotated[
+        int,
+        typer.Option(
+            help="Add the N top causes of the failure of --for GROUP, ranked on one half of the "
+            "group (--group-half); the other half is held out for `eval clean`."
+        ),
+    ] = 0,
+    for_group: Annotated[
+        str | None,
+        typer.Option(
+            "--for",
+            help="With --causes: a group of validation pairs, RULE:VALUE "
+            "(as `trakview explain --group`: failing:40, column:source=web, ...).",
+        ),
+    ] = None,
+    group_half: Annotated[
+        str, typer.Option(help="With --causes: the half of the group that ranks them, a or b.")
+    ] = "a",
+    rank_by: Annotated[
+        str,
+        typer.Option(
+            "--rank-by",
+            help="With --causes, how they are ranked: "
+            + "; ".join(f"{k}: {v}" for k, v in CAUSE_RANKINGS.items())
+            + ".",
+        ),
+    ] = "confusion",
     why: Why = "",
     who: Who = None,
     verbose: Verbose = False,
@@ -146,16 +181,39 @@ def add(
             raise CurateError(f"--column takes KEY=VALUE, got {column!r}")
         rows = select.column_matches(data.train, key.strip(), value)
         picks.append((rows, "column", f"{key.strip()} = {value.strip()}", [], False))
+    group_record = None
+    if causes:
+        from engine.curate.causes import causes_pick
+        from engine.explore.view import RunView
+
+        if not for_group:
+            raise CurateError("--causes N needs --for GROUP (e.g. --for failing:40)")
+        rows, how, reason, val_ids, group_record = causes_pick(
+            RunView.load(run), causes, for_group, group_half, split_seed, rank_by, 3
+        )
+        picks.append((rows, how, reason, val_ids, False))
+    elif for_group:
+        raise CurateError("--for GROUP goes with --causes N")
     if not picks:
         raise CurateError(
-            "nothing to add: give ids, or --suspects N, --harmful N, --search TEXT or "
-            "--column KEY=VALUE"
+            "nothing to add: give ids, or --suspects N, --harmful N, --search TEXT, "
+            "--column KEY=VALUE or --causes N --for GROUP"
         )
+    if group_record is not None:  # before the pairs: a basket of another group is refused
+        baskets.check_name(name)
+        if baskets.find_basket(data.layout, name) is not None:
+            baskets.set_group(data.layout, name, group_record)
     for rows, how, reason, val_ids, every in picks:
         basket, added = baskets.add_rows(
             data.layout, name, data.train, rows, why or reason, how, who, val_ids, every
         )
         typer.echo(f"{how}: {added} of {len(rows)} pairs added ({len(rows) - added} were in it)")
+    if group_record is not None:
+        basket = baskets.set_group(data.layout, name, group_record)
+        typer.echo(
+            f"chosen on {len(group_record['chosen_with'])} pairs of {group_record['spec']}; "
+            f"{len(group_record['held_out'])} held out for `trakview eval clean`"
+        )
     typer.echo(f"basket {name}: {len(basket.entries)} pairs, in {data.layout.basket(name)}")
 
 
@@ -234,43 +292,37 @@ def effect(
     run: RunArg,
     name: NameArg,
     k: Annotated[int, typer.Option("-k", help="Validation pairs listed per direction.")] = 10,
+    for_group: Annotated[
+        str | None,
+        typer.Option(
+            "--for",
+            help="A group (RULE:VALUE): the share of its failure the basket should remove "
+            "(default: the group its causes were chosen for, if any).",
+        ),
+    ] = None,
     as_json: AsJson = False,
 ) -> None:
     """What removing the basket should do to every validation pair's margin (TRAK's linear
     datamodel: the margin changes by minus the removed pairs' scores, summed)."""
+    from engine.cli.basket_text import group_effect_text
     from engine.curate import baskets
+    from engine.curate.causes import group_effect_doc
     from engine.curate.effect import run_effect
+    from engine.explore.view import RunView
 
-    data = _open(run)
+    data = RunView.load(run)
     basket = baskets.read_basket(data.layout, name)
     result = run_effect(data, basket)
     doc = {"basket": name, **result.to_json(data.val, k)}
+    group = group_effect_doc(data, basket, for_group)
+    if group is not None:
+        doc["group"] = group
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
         return
-    typer.echo(effect_text(doc))
-
-
-def effect_text(doc: dict[str, Any]) -> str:
-    """The predicted effect as a few lines of text."""
-    held = doc["held_out"]
-    lines = [
-        f"basket {doc['basket']}: {doc['pairs']} training pairs",
-        f"predicted change of the mean validation margin: {doc['predicted_mean_change']:+.4f} "
-        f"({doc['mean_margin']:.4f} -> {doc['predicted_mean_margin']:.4f}) over {doc['n_val']} "
-        f"pairs; {doc['share_helped']:.0%} rise, {doc['share_hurt']:.0%} fall",
-    ]
-    if held["n_val"] < doc["n_val"]:
-        change = held["predicted_mean_change"]
-        lines.append(
-            f"on the {held['n_val']} validation pairs not used to choose it: "
-            + (f"{change:+.4f}" if change is not None else "none")
-        )
-    for title, key in (("most helped", "most_helped"), ("most hurt", "most_hurt")):
-        lines.append(f"{title}:")
-        lines += [f"  {p['delta']:+.4f}  {p['id']}  {p['caption']}" for p in doc[key]]
-    lines.append(f"caveat: {doc['caveat']}")
-    return "\n".join(lines)
+    typer.echo(basket_text.effect_text(doc))
+    if group is not None:
+        typer.echo(group_effect_text(group))
 
 
 @basket_app.command(help=EXPORT_HELP)
@@ -318,34 +370,3 @@ def export(
     typer.echo(cleaned.summary["check"])
     for note in cleaned.summary["notes"]:
         typer.echo(f"note: {note}")
-
-
-def verification_text(result: dict[str, Any]) -> str:
-    """A basket's verification (``trakview eval clean``) as text: per condition the measured
-    mean of every metric and its change against ``full``, with intervals."""
-    m = result["measured"]
-    lines = [
-        f"basket {result['basket']}: {result['pairs']} pairs; {len(result['seeds'])} models per "
-        f"condition; {m['n_val']} validation pairs measured "
-        f"({'held out' if m['held_out'] else 'NOT held out: optimistic'})",
-        "",
-        "condition   " + "  ".join(f"{k:<30}" for k in result["metrics"]),
-    ]
-    for name, cond in result["conditions"].items():
-        cells = []
-        for metric, value in cond["metrics"].items():
-            diff = cond.get("minus_full", {}).get(metric)
-            cells.append(
-                f"{value['mean']:+.3f}"
-                + (
-                    f" {diff['mean']:+.3f} [{diff['ci'][0]:+.3f},{diff['ci'][1]:+.3f}]"
-                    if diff
-                    else ""
-                )
-            )
-        lines.append(f"{name:<11} " + "  ".join(f"{c:<30}" for c in cells))
-    lines += ["", "(value, then the change against full with its interval)", result["summary"]]
-    lines += [f"note: {note}" for note in result.get("notes", [])]
-    predicted = result["conditions"]["basket"]["predicted_margin_change"]
-    lines.append(f"TRAK predicted a mean margin change of {predicted:+.4f} for the basket")
-    return "\n".join(lines)

@@ -10,9 +10,10 @@ from typing import Annotated, Any
 
 import typer
 
-from engine.cli import basket_cmds
+from engine.cli import basket_text
 from engine.cli.basket_cmds import Controls, Ensembles, Measure, SplitSeed
 from engine.cli.options import RunArg, Verbose, setup_logging
+from engine.evaluate.choices import CONTROLS
 
 eval_app = typer.Typer(
     no_args_is_help=True,
@@ -345,7 +346,7 @@ def clean(
     run: RunArg,
     basket: Annotated[str, typer.Option(help="The basket to verify (trakview basket list).")],
     ensembles: Ensembles = 1,
-    controls: Controls = "clip-low,random",
+    controls: Controls = ",".join(CONTROLS),
     measure: Measure = "auto",
     split_seed: SplitSeed = 0,
     members: Annotated[
@@ -391,7 +392,7 @@ def clean(
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
-    typer.echo(basket_cmds.verification_text(result))
+    typer.echo(basket_text.verification_text(result))
     t = result["timings"]
     typer.echo(
         f"\n{t['models_trained']} models trained now, {t['models_reused']} cached, "

@@ -120,6 +120,10 @@ def train(
     epochs: Annotated[int, typer.Option(help="Epochs per member.")] = 15,
     batch_size: Annotated[int, typer.Option(help="Pairs per contrastive batch.")] = 128,
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 3e-3,
+    warmup_steps: Annotated[
+        int, typer.Option(help="Linear warm-up steps before the cosine decay.")
+    ] = 30,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.05,
     seed: Annotated[int, typer.Option(help="Member K is trained with seed + K.")] = 0,
     save_epochs: Annotated[
         str,
@@ -188,6 +192,8 @@ def train(
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
+        warmup_steps=warmup_steps,
+        weight_decay=weight_decay,
         seed=seed,
         init=init_path,
         save_epochs=kept,

@@ -33,7 +33,18 @@ from engine.run.layout import RunLayout
 FORMAT = 1  # version of a basket file
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # How a pair came into a basket (shown on the basket page and in the removed pairs' list).
-HOWS = ("card", "suspects", "harmful", "threshold", "search", "column", "import", "cli")
+HOWS = (
+    "card",
+    "suspects",
+    "harmful",
+    "threshold",
+    "search",
+    "column",
+    "import",
+    "cli",
+    "causes",
+    "grow",
+)
 T = TypeVar("T")
 
 
@@ -61,6 +72,9 @@ class Basket:
     chosen_with_val: list[str] = field(default_factory=list)  # validation ids that chose pairs
     chosen_with_every_val: bool = False  # a pair was chosen with the whole validation set
     verification: dict[str, Any] | None = None  # the last `trakview eval clean` of the basket
+    # the group of validation pairs the basket's causes were chosen for (``set_group``): its
+    # rule, every id, the half that chose and the half held out
+    group: dict[str, Any] | None = None
 
     @property
     def ids(self) -> list[str]:
@@ -84,6 +98,7 @@ class Basket:
             chosen_with_val=list(doc.get("chosen_with_val", [])),
             chosen_with_every_val=bool(doc.get("chosen_with_every_val", False)),
             verification=doc.get("verification"),
+            group=doc.get("group"),
         )
 
 
@@ -240,6 +255,22 @@ def add_rows(
         return len(added)
 
     return update_basket(layout, name, change)
+
+
+def set_group(layout: RunLayout, name: str, group: dict[str, Any]) -> Basket:
+    """Records the group a basket's causes were chosen for: ``spec`` (RULE:VALUE), ``val_ids``
+    (all of it), ``chosen_with`` (the half whose scores chose) and ``held_out`` (the other
+    half), ``split_seed``. A basket serves one group: another group is refused."""
+
+    def change(basket: Basket) -> None:
+        if basket.group and basket.group.get("spec") != group.get("spec"):
+            raise CurateError(
+                f"basket {name!r} holds causes of group {basket.group['spec']!r}; put the causes "
+                f"of {group.get('spec')!r} in another basket"
+            )
+        basket.group = group
+
+    return update_basket(layout, name, change)[0]
 
 
 def remove_ids(layout: RunLayout, name: str, ids: Iterable[str]) -> tuple[Basket, int]:

@@ -179,3 +179,29 @@ def run_effect(data: RunData, basket: Basket) -> Effect:
         data.verdict(),
         held_out_mask(basket, [str(r["id"]) for r in data.val]),
     )
+
+
+def failure_share(delta: np.ndarray, margin: np.ndarray, group_rows: np.ndarray) -> dict[str, Any]:
+    """How much of a group's failure removing a basket is predicted to remove.
+
+    The group's deficit is the median margin of the other validation pairs minus the group's
+    mean margin; the share is the predicted change of the group's mean margin over that
+    deficit (1: the group would match as well as the rest; TRAK sizes effects less well than it
+    ranks them, so read it beside a random basket's).
+
+    Args:
+        delta: (n_val,) predicted change of every validation pair's margin.
+        margin: (n_val,) the run's margins.
+        group_rows: the group's validation rows.
+    """
+    group = np.asarray(group_rows, np.int64)
+    rest = np.setdiff1d(np.arange(len(margin)), group)
+    deficit = float(np.median(margin[rest]) - margin[group].mean()) if rest.size else 0.0
+    change = float(np.asarray(delta)[group].mean()) if group.size else 0.0
+    return {
+        "pairs": int(group.size),
+        "deficit": deficit,
+        "predicted_change": change,
+        "share": change / deficit if deficit > 0 else None,
+        "rest_predicted_change": float(np.asarray(delta)[rest].mean()) if rest.size else None,
+    }

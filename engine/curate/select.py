@@ -28,11 +28,11 @@ from typing import Any
 import numpy as np
 
 from engine.attribution.summaries import top_rows
-from engine.errors import CurateError
+from engine.data import fields
+from engine.errors import CurateError, InputError
 from engine.explore.scores import StoredScores
 
 SPLIT_STREAM = 17  # the halves' generator: default_rng([split_seed, SPLIT_STREAM])
-FIXED_FIELDS = ("id", "caption", "image")
 
 
 def top_suspects(suspect: np.ndarray, n: int) -> np.ndarray:
@@ -51,21 +51,9 @@ def most_harmful(totals: np.ndarray, n: int) -> np.ndarray:
 
 
 def column_sum(scores: StoredScores, val_rows: Sequence[int]) -> np.ndarray:
-    """(n_train,) float64 each training pair's scores summed over validation rows ``val_rows``.
-
-    Dense form: the columns read from ``scores.npy``. Top-k form: by linearity one column of the
-    summed target gradients, sum_j score_ij = mean_m(phi_m[i] . sum_j g_mj) * mean_m(Q_m[i]).
-    """
-    val_rows = np.asarray(sorted(set(int(j) for j in val_rows)), dtype=np.int64)
-    if scores.matrix is not None:
-        total = np.zeros(scores.n_train, np.float64)
-        for s in range(0, scores.n_train, 16384):  # row blocks: bounded memory on big runs
-            block = np.asarray(scores.matrix[s : s + 16384][:, val_rows], np.float64)
-            total[s : s + 16384] = block.sum(axis=1)
-        return total
-    summed = scores.target_vectors[val_rows].sum(axis=0)  # (M*k,)
-    per_checkpoint = np.split(summed, scores.n_models)  # M x (k,)
-    return scores.column_for(per_checkpoint).astype(np.float64)
+    """(n_train,) float64 each training pair's scores summed over validation rows
+    ``val_rows`` (``StoredScores.column_sum``)."""
+    return scores.column_sum(val_rows)
 
 
 def at_or_below(column: np.ndarray, threshold: float) -> np.ndarray:
@@ -86,31 +74,20 @@ def caption_matches(train: Sequence[dict[str, Any]], text: str) -> np.ndarray:
 
 
 def extra_fields(train: Sequence[dict[str, Any]]) -> list[str]:
-    """The fields of the training records besides id, caption and image (the source's extra
-    columns), as the first record has them."""
-    if not len(train):
-        return []
-    return [k for k in train[0] if k not in FIXED_FIELDS]
+    """The training records' fields besides id, caption and image (``engine.data.fields``)."""
+    return fields.extra_fields(train)
 
 
 def column_matches(train: Sequence[dict[str, Any]], key: str, value: str) -> np.ndarray:
     """Rows whose field ``key`` equals ``value`` as text (``true`` / ``false`` for booleans,
     ``null`` for a missing value), in file order."""
-    fields = extra_fields(train)
-    if key not in fields:
-        raise CurateError(
-            f"the training pairs have no field {key!r}; their fields: {', '.join(fields) or 'none'}"
-        )
-    return np.array(
-        [i for i, rec in enumerate(train) if field_text(rec.get(key)) == value.strip()], np.int64
-    )
+    try:
+        return fields.matching_rows(train, key, value)
+    except InputError as err:
+        raise CurateError(str(err).replace("the pairs have", "the training pairs have")) from err
 
 
-def field_text(value: Any) -> str:
-    """A field's value as ``column_matches`` compares it."""
-    if isinstance(value, (bool, type(None))) or not isinstance(value, str):
-        return json.dumps(value)
-    return value
+field_text = fields.field_text
 
 
 def val_halves(n_val: int, split_seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -119,6 +96,21 @@ def val_halves(n_val: int, split_seed: int) -> tuple[np.ndarray, np.ndarray]:
     order = np.random.default_rng([split_seed, SPLIT_STREAM]).permutation(n_val)
     half = n_val // 2
     return np.sort(order[:half]), np.sort(order[half:])
+
+
+def group_halves(rows: Sequence[int], split_seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two disjoint halves of a group's validation rows (``a``: floor(n/2) rows, ``b``: the
+    rest), sorted, drawn with ``split_seed``: choose causes on one, measure on the other."""
+    rows = np.asarray(sorted({int(r) for r in rows}), np.int64)
+    order = rows[np.random.default_rng([split_seed, SPLIT_STREAM, 1]).permutation(len(rows))]
+    half = len(rows) // 2
+    return np.sort(order[:half]), np.sort(order[half:])
+
+
+def top_causes(ranking: np.ndarray, n: int) -> np.ndarray:
+    """At most n training rows of the highest (positive) cause scores, highest first."""
+    order = top_rows(np.asarray(ranking, dtype=np.float64), max(0, n))
+    return order[np.asarray(ranking)[order] > 0]
 
 
 def parse_ids(text: str, name: str = "") -> list[str]:

@@ -23,45 +23,43 @@ what was trained. The result is recorded in the basket (``verification``).
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
 
-from engine import files, parallel
+from engine import files
 from engine.curate import baskets, select
 from engine.curate.effect import held_out_mask, summed_rows
 from engine.errors import EvalError
 from engine.evaluate import common, retrain
+from engine.evaluate.choices import CONTROLS
+from engine.evaluate.clean_train import run_models
 from engine.explore.scores import StoredScores
 from engine.models import train
-from engine.models.checkpoints import load_into
-from engine.models.embed import encode
-from engine.models.factory import create
+from engine.models.embed import caption_ranks
 from engine.models.retrieval import retrieval_ranks
-from engine.run.layout import EvalCache, RunLayout
+from engine.run.layout import RunLayout
 from engine.run.lock import run_lock
 from engine.run.manifest import open_manifest
 
-CONTROLS = {
-    "clip-low": "as many pairs of the lowest CLIP image-caption similarity (the run's ensemble)",
-    "random": "as many pairs drawn at random (seeded)",
-}
 METRICS = {
     "margin": "CLIP margin of the measured validation pairs (the model output TRAK attributes)",
     "i2t_r1": "image->text R@1 among the measured pairs",
     "i2t_r5": "image->text R@5",
     "t2i_r1": "text->image R@1",
     "t2i_r5": "text->image R@5",
+    "r5_all": "image->text R@5 among every validation caption (the run's caption rank <= 5)",
 }
 MEASURES = ("auto", "all", "a", "b")
+# A basket chosen for a group (``basket add --causes N --for GROUP``) is measured on two sets:
+GROUP_SETS = {
+    "group": "the half of the group that did not choose the basket",
+    "rest": "every validation pair outside the group (a fix that breaks them is no fix)",
+}
 
 
 @dataclass
@@ -99,6 +97,25 @@ def evaluate_clean(
         return _evaluate_clean(Path(run), cfg, train_cfg, device, overwrite, train_source)
 
 
+def group_sets(basket: baskets.Basket, val_ids: list[str]) -> dict[str, np.ndarray]:
+    """The validation rows of ``GROUP_SETS`` for a basket chosen for a group."""
+    group = basket.group or {}
+    index = {v: j for j, v in enumerate(val_ids)}
+    missing = [v for v in group.get("val_ids", []) if v not in index]
+    if missing:
+        raise EvalError(
+            f"basket {basket.name!r} was chosen for group {group.get('spec')!r}, whose pairs "
+            f"{missing[:3]} this run does not have"
+        )
+    chose = set(basket.chosen_with_val)
+    held = np.array(sorted(index[v] for v in group.get("held_out", []) if v not in chose), np.int64)
+    members = np.array(sorted(index[v] for v in group["val_ids"]), np.int64)
+    rest = np.setdiff1d(np.arange(len(val_ids)), members)
+    if held.size == 0:
+        raise EvalError(f"basket {basket.name!r} has no held-out half of its group to measure")
+    return {"group": held, "rest": rest}
+
+
 def measured_rows(basket: baskets.Basket, val_ids: list[str], measure: str, split_seed: int):
     """(rows, held_out): the validation rows to measure, and whether none chose the basket."""
     if measure not in MEASURES:
@@ -124,7 +141,12 @@ def measured_rows(basket: baskets.Basket, val_ids: list[str], measure: str, spli
 
 
 def removals(
-    n_train: int, rows: np.ndarray, clip_sim: np.ndarray, controls: list[str], seed: int
+    n_train: int,
+    rows: np.ndarray,
+    clip_sim: np.ndarray,
+    controls: list[str],
+    seed: int,
+    suspect: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """The training rows each condition removes (``full``: none)."""
     n = len(rows)
@@ -132,6 +154,10 @@ def removals(
     for name in controls:
         if name == "clip-low":
             out[name] = np.sort(np.argsort(clip_sim, kind="stable")[:n])
+        elif name == "suspects":
+            if suspect is None:
+                raise EvalError("the run has no suspect ranking: drop the suspects control")
+            out[name] = np.sort(select.top_suspects(suspect, n))
         elif name == "random":
             out[name] = np.sort(np.random.default_rng([seed, n, 5]).choice(n_train, n, False))
         else:
@@ -170,8 +196,16 @@ def _evaluate_clean(
     if cfg.ensembles < 1:
         raise EvalError(f"--ensembles must be at least 1, got {cfg.ensembles}")
     common.check_trainable(n_train - rows.size, train_cfg, "the cleaned training set")
-    measured, held_out = measured_rows(basket, val_ids, cfg.measure, cfg.split_seed)
-    gone = removals(n_train, rows, files.load_npy(layout.clip_sim("train")), cfg.controls, cfg.seed)
+    if basket.group and cfg.measure == "auto":
+        sets = group_sets(basket, val_ids)
+        held_out = True
+    else:
+        measured, held_out = measured_rows(basket, val_ids, cfg.measure, cfg.split_seed)
+        sets = {"measured": measured}
+    suspect = files.load_npy(layout.suspect) if layout.suspect.is_file() else None
+    gone = removals(
+        n_train, rows, files.load_npy(layout.clip_sim("train")), cfg.controls, cfg.seed, suspect
+    )
 
     cache = layout.eval_cache("clean")
     identity = {**common.identity(manifest, train_cfg), "train_seed": train_cfg.seed}
@@ -188,30 +222,36 @@ def _evaluate_clean(
         for r in range(n_models)
         for c in gone
     ]
-    work = run_models(jobs, cache, run, manifest, train_cfg, device, cfg)
+    work = run_models(jobs, cache, run, manifest, train_cfg, device, cfg.workers, cfg.keep_models)
 
-    values = {c: measure(retrain.load_outputs(cache, keys[c]), measured) for c in gone}
+    outputs = {c: retrain.load_outputs(cache, keys[c]) for c in gone}
     scores = StoredScores(layout, manifest)
-    conditions: dict[str, dict[str, Any]] = {
-        c: {  # TRAK's prediction: minus the removed pairs' scores, mean over the measured pairs
-            "removed": int(g.size),
-            "predicted_margin_change": (
-                float(-summed_rows(scores, g)[measured].mean()) if g.size else None
-            ),
+    predicted = {c: -summed_rows(scores, g) if g.size else None for c, g in gone.items()}
+    pairs = [(c, "full") for c in gone if c != "full"] + [("basket", c) for c in cfg.controls]
+    results = {}
+    for name, measured in sets.items():
+        values = {c: measure(out, measured) for c, out in outputs.items()}
+        means, diffs = paired_bootstrap(values, pairs, cfg.bootstrap, cfg.seed, cfg.level)
+        conditions: dict[str, dict[str, Any]] = {}
+        for c, g in gone.items():
+            # TRAK's prediction: minus the removed pairs' scores, mean over the measured pairs
+            change = predicted[c]
+            conditions[c] = {
+                "removed": int(g.size),
+                "predicted_margin_change": None
+                if change is None
+                else float(change[measured].mean()),
+                "metrics": means[c],
+            }
+            if c != "full":
+                conditions[c]["minus_full"] = diffs[(c, "full")]
+        results[name] = {
+            "n_val": int(measured.size),
+            "conditions": conditions,
+            "basket_minus": {c: diffs[("basket", c)] for c in cfg.controls},
         }
-        for c, g in gone.items()
-    }
-    means, diffs = paired_bootstrap(
-        values,
-        [(c, "full") for c in gone if c != "full"] + [("basket", c) for c in cfg.controls],
-        cfg.bootstrap,
-        cfg.seed,
-        cfg.level,
-    )
-    for c in gone:
-        conditions[c]["metrics"] = means[c]
-        if c != "full":
-            conditions[c]["minus_full"] = diffs[(c, "full")]
+    main = next(iter(results))
+    conditions, measured = results[main]["conditions"], sets[main]
     result = {
         "format": common.FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -222,11 +262,17 @@ def _evaluate_clean(
         "train": asdict(train_cfg),
         "train_source": train_source,
         "seeds": seeds,
-        "measured": {"n_val": int(measured.size), "held_out": held_out, "rule": cfg.measure},
+        "measured": {
+            "n_val": int(measured.size),
+            "held_out": held_out,
+            "rule": "group" if basket.group and cfg.measure == "auto" else cfg.measure,
+        },
         "metrics": METRICS,
         "conditions": conditions,
-        "basket_minus": {c: diffs[("basket", c)] for c in cfg.controls},
-        "summary": summary_line(conditions, {c: diffs[("basket", c)] for c in cfg.controls}),
+        "basket_minus": results[main]["basket_minus"],
+        "sets": results,
+        "group": basket.group and {"spec": basket.group.get("spec"), "sets": GROUP_SETS},
+        "summary": summary_line(conditions, results[main]["basket_minus"]),
         "notes": caveats(n_train, int(rows.size), n_models, train_cfg.batch_size),
         "timings": {**work, "total_seconds": round(time.perf_counter() - t0, 3)},
     }
@@ -236,15 +282,18 @@ def _evaluate_clean(
 
 def measure(outputs: np.ndarray, rows: np.ndarray) -> dict[str, np.ndarray]:
     """Per metric, (models, measured pairs) values from cached outputs (models, n_val, 1 + 2d):
-    the margins, and 0/1 retrieval hits among the measured pairs."""
+    the margins, 0/1 retrieval hits among the measured pairs, and image->text R@5 among every
+    validation caption (``r5_all``)."""
     d = (outputs.shape[2] - 1) // 2
     out = {"margin": outputs[:, rows, 0].astype(np.float64)}
     hits: dict[str, list[np.ndarray]] = {k: [] for k in METRICS if k != "margin"}
-    for model in outputs[:, rows]:
+    for model, every in zip(outputs[:, rows], outputs, strict=True):
         i2t, t2i = retrieval_ranks(model[:, 1 : 1 + d], model[:, 1 + d :])
         for direction, ranks in (("i2t", i2t), ("t2i", t2i)):
             for k in (1, 5):
                 hits[f"{direction}_r{k}"].append((ranks <= k).astype(np.float64))
+        all_ranks = caption_ranks(every[:, 1 : 1 + d], every[:, 1 + d :])[rows]
+        hits["r5_all"].append((all_ranks <= 5).astype(np.float64))
     return {**out, **{k: np.stack(v) for k, v in hits.items()}}
 
 
@@ -319,79 +368,3 @@ def caveats(n_train: int, removed: int, n_models: int, batch_size: int) -> list[
             "which remove as many pairs"
         )
     return notes
-
-
-# --- training the models ------------------------------------------------------------------
-
-
-def model_outputs(
-    ctx: retrain.RetrainContext, job: retrain.Job, work: Path, keep_model: bool
-) -> tuple[np.ndarray, float]:
-    """Trains one model (``retrain.train_and_measure``) and returns (n_val, 1 + 2d) float32: its
-    validation margins, image and text embeddings; and the seconds it took."""
-    t0 = time.perf_counter()
-    margin = retrain.train_and_measure(ctx, job, work, keep_model=True)  # (n_val,)
-    bundle = create(ctx.train_cfg.model, device=ctx.device)
-    load_into(bundle.model, train.final_checkpoint(work, 0, ctx.train_cfg.epochs))
-    with retrain.torch_threads(1):
-        images, texts = encode(
-            bundle.model,
-            torch.from_numpy(ctx.val_images),
-            torch.from_numpy(ctx.val_tokens),
-            device=ctx.device,
-        )  # (n_val, d) each
-    if not keep_model:
-        shutil.rmtree(work, ignore_errors=True)
-    out = np.concatenate([margin[:, None], images.numpy(), texts.numpy()], axis=1)
-    return out.astype(np.float32), time.perf_counter() - t0
-
-
-def run_models(
-    jobs: list[retrain.Job],
-    cache: EvalCache,
-    run: Path,
-    manifest: Any,
-    train_cfg: train.TrainConfig,
-    device: str,
-    cfg: CleanConfig,
-) -> dict[str, Any]:
-    """Trains the jobs not cached yet (side by side, one CPU thread each, as
-    ``retrain.run_jobs``) and caches each model's outputs the moment it is measured."""
-    todo = [j for j in jobs if not cache.output(j.key).is_file()]
-    t0 = time.perf_counter()
-    if todo:
-        ctx = common.retrain_context(run, manifest, train_cfg, device)
-        bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="training", unit="model")
-
-        def save(job: retrain.Job, out: np.ndarray, seconds: float) -> None:
-            meta = {
-                "seed": job.seed,
-                "n_rows": len(job.rows),
-                "rows_sha256": retrain.rows_digest(job.rows),
-            }
-            files.write_json(cache.output_info(job.key), {**meta, "seconds": round(seconds, 3)})
-            files.save_npy(cache.output(job.key), out)  # last: its presence means "done"
-            bar.update(1)
-
-        workers = common.workers(cfg.workers)
-        if workers <= 1 or len(todo) <= 1 or device != "cpu":
-            for job in todo:
-                save(
-                    job, *model_outputs(ctx, job, cache.checkpoints_dir / job.key, cfg.keep_models)
-                )
-        else:
-            with parallel.Pool(min(workers, len(todo)), 1) as pool:
-                futures = {
-                    pool.submit(
-                        model_outputs, ctx, job, cache.checkpoints_dir / job.key, cfg.keep_models
-                    ): job
-                    for job in todo
-                }
-                for future in cf.as_completed(futures):
-                    save(futures[future], *future.result())
-        bar.close()
-    return {
-        "models_trained": len(todo),
-        "models_reused": len(jobs) - len(todo),
-        "training_seconds": round(time.perf_counter() - t0, 3),
-    }

@@ -89,6 +89,24 @@ class StoredScores:
             counts = histogram(column, low, high)
         return np.asarray(counts), bin_edges(float(low), float(high), len(counts) or HIST_BINS)
 
+    def column_sum(self, val_rows: np.ndarray | list[int]) -> np.ndarray:
+        """(n_train,) float64 each training pair's scores summed over validation rows
+        ``val_rows`` (each row once): the pair's effect on the summed margin of those pairs.
+
+        Dense form: the columns read from ``scores.npy`` in row blocks. Top-k form: by
+        linearity one column of the summed target gradients, sum_j score_ij =
+        mean_m(phi_m[i] . sum_j g_mj) * mean_m(Q_m[i]).
+        """
+        val_rows = np.asarray(sorted({int(j) for j in val_rows}), dtype=np.int64)
+        if self.matrix is not None:
+            total = np.zeros(self.n_train, np.float64)
+            for s in range(0, self.n_train, 16384):  # row blocks: bounded memory on big runs
+                block = np.asarray(self.matrix[s : s + 16384][:, val_rows], np.float64)
+                total[s : s + 16384] = block.sum(axis=1)
+            return total
+        summed = self.target_vectors[val_rows].sum(axis=0)  # (M*k,)
+        return self.column_for(np.split(summed, self.n_models)).astype(np.float64)
+
     def scores_of(self, j: int, rows: np.ndarray) -> np.ndarray:
         """(len(rows),) float32 the scores of some training rows for validation pair j."""
         if self.matrix is not None:

@@ -76,6 +76,11 @@ class RunView(RunData):
         mean, axes = self._pca
         return ((np.asarray(self.train_image_emb[rows]) - mean) @ axes.T).astype(np.float32)
 
+    def val_map(self) -> np.ndarray:
+        """(n_val, 2) float32 the validation images on the same map (the training map's axes)."""
+        mean, axes = self._pca
+        return ((np.asarray(self.val_image_emb) - mean) @ axes.T).astype(np.float32)
+
     @functools.cached_property
     def val_mosaic(self) -> Image.Image:
         """A 4x4 mosaic of the first validation images: the exports' picture of the whole set."""

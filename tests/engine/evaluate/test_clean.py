@@ -51,19 +51,20 @@ def test_clean_is_paired_cached_and_resumable(run_copy, tiny_train):
     layout = RunLayout(run_copy)
     cfg = CleanConfig(basket="sus", bootstrap=200, workers=1)
     result = evaluate_clean(run_copy, cfg, tiny_train)
-    assert result["timings"]["models_trained"] == 4 * 2  # full, basket, clip-low, random x 2
+    # full, basket, clip-low, suspects (the basket itself here), random x 2 seeds
+    assert result["timings"]["models_trained"] == 5 * 2
     assert result["seeds"] == [0, 1] and result["measured"]["n_val"] == 40  # nothing chose it
     cache = layout.eval_cache("clean")
     n_train = 240
     basket_rows = np.sort(np.argsort(-np.load(layout.suspect), kind="stable")[:12])
     clip_low = np.sort(np.argsort(np.load(layout.clip_sim("train")), kind="stable")[:12])
     keys = {"full": "full", "basket": f"basket-{retrain.rows_digest(basket_rows)}"}
-    keys |= {"clip-low": "clip-low-n12", "random": "random-n12-s0"}
+    keys |= {"clip-low": "clip-low-n12", "random": "random-n12-s0", "suspects": "suspects-n12"}
     for r in range(2):  # model r of every condition: seed r, the rows without what it removes
         for condition, stem in keys.items():
             meta = read_json(cache.output_info(f"{stem}-r{r:02d}"))
             assert meta["seed"] == r, condition
-        gone = {"full": [], "basket": basket_rows, "clip-low": clip_low}
+        gone = {"full": [], "basket": basket_rows, "clip-low": clip_low, "suspects": basket_rows}
         for condition, rows in gone.items():
             kept = np.setdiff1d(np.arange(n_train), rows)
             meta = read_json(cache.output_info(f"{keys[condition]}-r{r:02d}"))
@@ -128,7 +129,7 @@ def test_cli_eval_clean(run_copy):
     base = ["eval", "clean", str(run_copy), "--bootstrap", "50", "--workers", "1", *TRAIN_FLAGS]
     done = runner.invoke(app, [*base, "--basket", "sus"])
     assert done.exit_code == 0, done.output
-    assert "0 models trained now, 8 cached" in done.output  # the models of the test above
+    assert "0 models trained now, 10 cached" in done.output  # the models of the test above
     assert "removing the basket changed the measured mean margin by" in done.output
     assert "TRAK predicted a mean margin change of" in done.output
     refused = runner.invoke(app, [*base, "--basket", "every"])
