@@ -23,6 +23,10 @@ from dashboard import plots
 from engine.errors import TrakviewError
 from engine.evaluate import compare_report
 from engine.evaluate.compare import CompareConfig, Comparison, compare
+from engine.explain import report
+from engine.explain.describe import TrainingFeatures
+from engine.explain.report import GroupReport
+from engine.explain.rules import GroupSpec
 from engine.explore.view import RunView
 from engine.run.layout import RunLayout
 
@@ -160,3 +164,25 @@ def comparison(
     once per pair of runs (``key``), basket and column groups, shared by every session."""
     c = compare(_a, _b, CompareConfig(basket=basket, columns=list(columns)))
     return c, compare_report.to_json(c)
+
+
+@st.cache_resource(
+    max_entries=4, show_spinner="Counting the training pairs' words, columns and clusters…"
+)
+def _features(_run: RunView, key: str) -> TrainingFeatures:
+    return report.training_features(_run)
+
+
+def training_features(run: RunView) -> TrainingFeatures:
+    """The run's training features (``engine.explain.report.training_features``), once per run
+    and server."""
+    return _features(run, run_key(run))
+
+
+@st.cache_resource(max_entries=64, show_spinner="Explaining the group…")
+def group_report(_run: RunView, key: str, param: str, confusion: bool) -> GroupReport:
+    """A group's explanation (``engine.explain.report.explain_group``), once per run, group and
+    whether its wrong matches were attributed (new queries), shared by every session."""
+    return report.explain_group(
+        _run, GroupSpec.parse(param), confusion, features=training_features(_run)
+    )
