@@ -141,3 +141,90 @@ def test_effect_json_and_export(csv_run, tmp_path):
     )
     assert named.exit_code == 0, named.output
     assert (tmp_path / "y" / "train.csv").read_bytes() == (folder / "train.csv").read_bytes()
+
+
+def test_causes_for_a_group_are_ranked_on_half_of_it(csv_run):
+    """--causes N --for GROUP: the causes are the top of the ranking computed on the chosen half
+    alone (the held-out half takes no part), and the basket records both halves."""
+    from engine.explain import report
+    from engine.explain.groups import select_group
+    from engine.explain.rules import GroupSpec
+    from engine.explore.view import RunView
+
+    layout = RunLayout(csv_run)
+    done = invoke("add", csv_run, "c1", "--causes", "7", "--for", "failing:8", "--rank-by", "harm")
+    assert done.exit_code == 0, done.output
+    assert "4 held out for `trakview eval clean`" in done.output
+    view = RunView.load(csv_run)
+    rows = select_group(report.group_source(view), GroupSpec.parse("failing:8"))
+    half_a, half_b = select.group_halves(rows, 0)
+    want = np.argsort(view.scores.column_sum(half_a), kind="stable")[:7]  # most harmful to a
+    basket = baskets.read_basket(layout, "c1")
+    assert basket.ids == [view.train[int(i)]["id"] for i in want]
+    val_ids = [str(r["id"]) for r in view.val]
+    assert basket.group["chosen_with"] == [val_ids[j] for j in half_a]
+    assert basket.group["held_out"] == [val_ids[j] for j in half_b]
+    assert basket.chosen_with_val == basket.group["chosen_with"]
+    # ranked on the whole group instead, the picks differ: the held-out half would have counted
+    whole = np.argsort(view.scores.column_sum(rows), kind="stable")[:7]
+    assert set(whole.tolist()) != set(want.tolist())
+    # the same basket cannot serve another group
+    other = invoke("add", csv_run, "c1", "--causes", "3", "--for", "failing:4", "--rank-by", "harm")
+    assert "holds causes of group 'failing:8'" in str(other.exception)
+    missing = invoke("add", csv_run, "c2", "--causes", "3")
+    assert "--causes N needs --for GROUP" in str(missing.exception)
+
+    # the share of the group's failure the basket should remove, against numpy
+    effect = invoke("effect", csv_run, "c1", "--json")
+    assert effect.exit_code == 0, effect.output
+    doc = json.loads(effect.stdout)["group"]
+    scores = np.load(csv_run / "scores.npy").astype(np.float64)
+    delta = -scores[np.sort(want)].sum(axis=0)
+    margin = np.load(layout.margin("val"))
+    rest = np.setdiff1d(np.arange(len(val_ids)), rows)
+    deficit = np.median(margin[rest]) - margin[rows].mean()
+    assert doc["whole"]["predicted_change"] == pytest.approx(delta[rows].mean(), rel=1e-5)
+    assert doc["whole"]["deficit"] == pytest.approx(deficit, rel=1e-5)
+    assert doc["held_out"]["pairs"] == len(half_b)
+    assert doc["held_out"]["predicted_change"] == pytest.approx(delta[half_b].mean(), rel=1e-5)
+    random = -7 / scores.shape[0] * scores.sum(axis=0)
+    assert doc["random_basket"]["predicted_change"] == pytest.approx(random[rows].mean(), rel=1e-5)
+
+
+def test_grow_by_what_the_basket_shares(csv_run):
+    from engine.explain import report
+    from engine.explore.view import RunView
+
+    layout = RunLayout(csv_run)
+    train = read_jsonl(layout.pairs("train"))
+    shape = train[0]["shape"]
+    ids = [r["id"] for r in train if r["shape"] == shape][:6]
+    assert invoke("add", csv_run, "g1", *ids).exit_code == 0
+    listed = invoke("grow", csv_run, "g1")
+    assert listed.exit_code == 0 and f"column:shape={shape}" in listed.output
+    done = invoke("grow", csv_run, "g1", "--by", "auto")
+    assert done.exit_code == 0, done.output
+    have = set(baskets.read_basket(layout, "g1").ids)
+    # the six share their shape (and its word): auto grows by the strongest shared feature
+    by_shape = {r["id"] for r in train if r["shape"] == shape}
+    by_word = {r["id"] for r in train if shape in r["caption"].split()}
+    assert have in (by_shape, by_word, by_shape | by_word) or have >= by_shape & by_word
+    # by a visual cluster: exactly the cluster's rows
+    view = RunView.load(csv_run)
+    clusters = report.training_features(view).clusters
+    c = int(clusters[0])
+    assert invoke("add", csv_run, "g2", train[0]["id"]).exit_code == 0
+    assert invoke("grow", csv_run, "g2", "--by", f"cluster:{c}").exit_code == 0
+    want = {train[i]["id"] for i in np.flatnonzero(clusters == c)} | {train[0]["id"]}
+    assert set(baskets.read_basket(layout, "g2").ids) == want
+    # by neighbours: each pair's nearest training images (CLIP), the pair itself first
+    emb = np.load(layout.embeddings("train", "image"))
+    assert invoke("grow", csv_run, "g2", "--by", "neighbours:3").exit_code == 0
+    nearest = set()
+    for i in [r for r, rec in enumerate(train) if rec["id"] in want]:
+        nearest |= {train[j]["id"] for j in np.argsort(-(emb @ emb[i]), kind="stable")[:4]}
+    assert set(baskets.read_basket(layout, "g2").ids) == want | nearest
+    bad = invoke("grow", csv_run, "g2", "--by", "colour")
+    assert "--by takes one of column, word, cluster, neighbours, auto" in str(bad.exception)
+    nothing = invoke("grow", csv_run, "g2", "--by", "auto", "--min-share", "1.0")
+    assert "no feature is carried by" in str(nothing.exception) or nothing.exit_code == 0

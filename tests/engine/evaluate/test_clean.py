@@ -136,3 +136,39 @@ def test_cli_eval_clean(run_copy):
     assert "was chosen with every validation pair's scores" in str(refused.exception)
     missing = runner.invoke(app, [*base, "--basket", "nope"])
     assert "has no basket 'nope'" in str(missing.exception)
+
+
+def test_a_group_basket_is_measured_on_its_held_out_half_and_on_the_rest(run_copy, tiny_train):
+    from engine.curate.causes import causes_pick
+    from engine.explore.view import RunView
+
+    layout = RunLayout(run_copy)
+    view = RunView.load(run_copy)
+    rows, _, why, val_ids, record = causes_pick(view, 10, "failing:10", "a", 0, "harm", 3)
+    baskets.add_rows(layout, "grp", view.train, rows, why, "causes", chosen_with_val=val_ids)
+    baskets.set_group(layout, "grp", record)
+    cfg = CleanConfig(basket="grp", bootstrap=100, workers=1, controls=["random"])
+    result = evaluate_clean(run_copy, cfg, tiny_train)
+    index = {str(r["id"]): j for j, r in enumerate(view.val)}
+    held = sorted(index[v] for v in record["held_out"])
+    group = {index[v] for v in record["val_ids"]}
+    rest = [j for j in range(len(view.val)) if j not in group]
+    assert result["measured"]["rule"] == "group" and result["measured"]["n_val"] == len(held) == 5
+    assert result["sets"]["rest"]["n_val"] == len(rest) == 30
+    cache = layout.eval_cache("clean")
+    key = f"basket-{retrain.rows_digest(np.sort(rows))}"
+    outputs = {
+        c: np.stack([load_npy(cache.output(f"{k}-r{r:02d}")) for r in range(2)])
+        for c, k in (("full", "full"), ("basket", key))
+    }
+    for name, measured in (("group", held), ("rest", rest)):
+        diff = outputs["basket"][:, measured, 0] - outputs["full"][:, measured, 0]
+        got = result["sets"][name]["conditions"]["basket"]["minus_full"]["margin"]["mean"]
+        assert got == pytest.approx(float(diff.mean()), rel=1e-6)
+    # R@5 among every validation caption: the run's caption rank, from the cached embeddings
+    values = measure(outputs["full"], np.array(held))
+    image, text = outputs["full"][0][:, 1:65], outputs["full"][0][:, 65:]
+    sim = image @ text.T
+    ranks = 1 + (sim > np.diag(sim)[:, None]).sum(axis=1)
+    assert values["r5_all"][0].tolist() == (ranks[held] <= 5).astype(float).tolist()
+    assert baskets.read_basket(layout, "grp").verification["group"]["spec"] == "failing:10"
