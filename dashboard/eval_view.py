@@ -14,8 +14,10 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from dashboard.plots import BLUE, GREEN, GREY, RED
+from engine.attribution.settings import estimator_label
 from engine.evaluate.results import read_lds, read_removal
 from engine.explore.trust import lds_trust
+from engine.run.manifest import open_manifest
 
 LABELS = {
     "trak": "TRAK (trakview)",
@@ -133,6 +135,8 @@ def lds_section(run: Path) -> None:
         )
         return
     s, c = result["settings"], result["counts"]
+    estimator = estimator_label(open_manifest(run).config)
+    st.markdown(f"This run's scores (`trak` below): estimator **{estimator}**.")
     st.caption(
         "Linear datamodeling score (TRAK paper): over models retrained on random subsets "
         f"({c['subsets']} subsets of {s['fraction']:.0%} of the pairs, {s['models_per_subset']} "

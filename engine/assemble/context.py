@@ -16,7 +16,7 @@ from engine import files
 from engine.assemble.graph import score_shard_size, shard_rows
 from engine.attribution.factored import gradient_computer_for
 from engine.attribution.gradients import SelectiveGradientComputer, select_parameters
-from engine.attribution.margin import ClipMargin, SimulatedBatch
+from engine.attribution.margin import ClipMargin, SimulatedBatch, training_output
 from engine.attribution.projection import KeyedProjector, projector_for
 from engine.attribution.saver import ShardSaver
 from engine.attribution.scoring import RegularizedScoreComputer
@@ -85,7 +85,13 @@ class WorkContext:
 
     @functools.cached_property
     def task(self) -> ClipMargin:
+        """The targets' model output: the CLIP margin the scores attribute."""
         return ClipMargin()
+
+    @functools.cached_property
+    def train_task(self) -> ClipMargin:
+        """The training side's model output (``--output``: the margin, or the pair's loss)."""
+        return self.task if self.cfg.output == "margin" else training_output(self.cfg.output)
 
     def state(self, m: int) -> dict[str, torch.Tensor]:
         """Checkpoint m's weights (the last one read is kept)."""
@@ -100,6 +106,8 @@ class WorkContext:
             img = files.load_npy(self.layout.checkpoint_embeddings("train", "image", m))
             txt = files.load_npy(self.layout.checkpoint_embeddings("train", "text", m))
             self.task.set_embeddings(torch.from_numpy(img), torch.from_numpy(txt))
+            if self.train_task is not self.task:
+                self.train_task.set_embeddings(torch.from_numpy(img), torch.from_numpy(txt))
             self._embeddings_of = m
 
     def stream(
@@ -117,20 +125,30 @@ class WorkContext:
             batches=batches,
         )
 
+    @property
+    def blocks(self) -> list[int] | None:
+        """The modules' blocks of dimensions of ``--estimator modules`` (else None)."""
+        return getattr(self.projector, "blocks", None)
+
     def scorer(self, lambda_reg: float | None) -> RegularizedScoreComputer:
         return RegularizedScoreComputer(
-            self.dtype, self.cfg.device, lambda_reg=lambda_reg, lambda_rel=self.cfg.lambda_rel
+            self.dtype,
+            self.cfg.device,
+            lambda_reg=lambda_reg,
+            lambda_rel=self.cfg.lambda_rel,
+            blocks=self.blocks,
         )
 
     @property
     def dtype(self) -> torch.dtype:
         return torch.float16 if self.cfg.half else torch.float32
 
-    def traker(self, n: int) -> TRAKer:
-        """A TRAKer over ``n`` pairs whose arrays live in a ``ShardSaver``."""
+    def traker(self, n: int, train: bool = False) -> TRAKer:
+        """A TRAKer over ``n`` pairs whose arrays live in a ``ShardSaver`` (``train``: with the
+        training side's model output, to featurize)."""
         return TRAKer(
             model=self.bundle.model,
-            task=self.task,
+            task=self.train_task if train else self.task,
             train_set_size=n,
             save_dir=str(self.layout.trak_dir),
             load_from_save_dir=False,
@@ -139,7 +157,7 @@ class WorkContext:
             projector=self.projector,
             saver=ShardSaver,
             score_computer=functools.partial(
-                RegularizedScoreComputer, lambda_rel=self.cfg.lambda_rel
+                RegularizedScoreComputer, lambda_rel=self.cfg.lambda_rel, blocks=self.blocks
             ),
             use_half_precision=self.cfg.half,
             grad_wrt=self.names,

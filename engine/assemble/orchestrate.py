@@ -42,10 +42,12 @@ def _open_run(
     have = files.claim_folder(layout.root, layout.config, wanted, overwrite, keep=(layout.lock,))
     if have is None:
         return
+    # a setting added since the run started has its default there
+    before = {**asdict(BuildConfig()), **have.get("config", {})}
     diffs = [
-        f"{k}: {have.get('config', {}).get(k)!r} -> {v!r}"
+        f"{k}: {before.get(k)!r} -> {v!r}"
         for k, v in wanted["config"].items()
-        if have.get("config", {}).get(k) != v and k not in NOT_IDENTITY
+        if before.get(k) != v and k not in NOT_IDENTITY
     ] + [f"{k} differs" for k in identity if have.get(k) != identity[k]]
     if have.get("format_version") != FORMAT_VERSION:
         diffs.insert(0, f"format version {have.get('format_version')} != {FORMAT_VERSION}")
@@ -217,7 +219,8 @@ def _manifest(
             n_train=n_train,
             n_val=n_val,
             n_checkpoints=n_models,
-            proj_dim=cfg.proj_dim,
+            # the features' width: proj_dim, or the sum of the modules' blocks (modules)
+            proj_dim=int(files.load_npy(layout.trak_features(0), mmap=True).shape[1]),
             ensemble_embedding_dim=int(emb_dim),
         ),
         projection=next((u["projection"] for u in units if "projection" in u), None),

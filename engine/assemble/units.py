@@ -134,7 +134,7 @@ def _gather_embed(unit: Unit, ctx: WorkContext, t0: float) -> dict[str, Any]:
 def _featurize(unit: Unit, ctx: WorkContext, t0: float) -> dict[str, Any]:
     m, (start, stop) = unit.model_id, unit.rows
     ctx.set_embeddings(m)
-    traker = ctx.traker(stop - start)
+    traker = ctx.traker(stop - start, train=True)
     traker.load_checkpoint(ctx.state(m), model_id=m)
     for inds, x, tokens in ctx.stream("train", unit.rows, ctx.cfg.batch_size):
         batch = (x, tokens, ctx.sim.for_train(inds, m))
@@ -152,7 +152,7 @@ def _featurize(unit: Unit, ctx: WorkContext, t0: float) -> dict[str, Any]:
         "projection": (
             f"traker {type(projector.dense_projector).__name__} (fast_jl) + keyed token blocks"
             if projector.dense_projector is not None
-            else f"trakview KeyedProjector ({ctx.cfg.projector})"
+            else f"trakview {type(projector).__name__} ({ctx.cfg.projector})"
         ),
         "projection_type": str(getattr(projector.proj_type, "value", projector.proj_type)),
     }
@@ -167,7 +167,7 @@ def _xtx(unit: Unit, ctx: WorkContext, t0: float) -> dict[str, Any]:
         part = torch.from_numpy(_load(ctx, f"train-{m}", "xtx", s))
         xtx = part if xtx is None else xtx + part
     files.save_npy(ctx.layout.trak_xtx(m), xtx.numpy())
-    k = xtx.shape[0]
+    k = ctx.projector.proj_dim  # X^T X is (k, k), or its diagonal blocks packed (modules)
     scorer = ctx.scorer(ctx.cfg.lambda_reg)
     with _quiet(
         "engine.attribution.scoring"

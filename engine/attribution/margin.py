@@ -152,3 +152,46 @@ class ClipMargin(AbstractModelOutput):
         col = torch.cat([s_ii, torch.einsum("bd,bsd->bs", txt, sim_image)], 1) * scale
         p = (row.softmax(1)[:, 0] + col.softmax(1)[:, 0]) / 2
         return (1 - p).unsqueeze(1)
+
+
+class ClipLoss(ClipMargin):
+    """The training side's output of ``--output loss``: minus the pair's own contrastive loss
+    over its simulated batch B at the model's temperature tau (its logit scale),
+
+    -(CE_row + CE_col) / 2,  CE_row = logsumexp(tau [S_ii, S_ij for j in B]) - tau S_ii,
+
+    the batch's embeddings constant. Its gradient is what a training step on the pair follows
+    (the margin's gradient weighted by 1 - p, each direction at tau, as TRAK's derivation has it
+    for a binary model output): the out-to-loss weight is therefore 1. Targets keep
+    ``ClipMargin``: it is the output their scores attribute.
+    """
+
+    def margin_and_embeddings(  # type: ignore[override]
+        self,
+        model: torch.nn.Module,
+        weights: dict[str, Tensor],
+        buffers: dict[str, Tensor],
+        image: Tensor,
+        text: Tensor,
+        sim_image: Tensor,
+        sim_text: Tensor,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+        img, txt, scale = torch.func.functional_call(
+            model, (weights, buffers), args=(image.unsqueeze(0), text.unsqueeze(0))
+        )[:3]
+        s_ii = (img * txt).sum()
+        s_ij = (img @ sim_text.T).squeeze(0)  # (S,)
+        s_ji = (txt @ sim_image.T).squeeze(0)  # (S,)
+        row = torch.logsumexp(scale * torch.cat([s_ii[None], s_ij]), dim=0) - scale * s_ii
+        col = torch.logsumexp(scale * torch.cat([s_ii[None], s_ji]), dim=0) - scale * s_ii
+        return -(row + col) / 2, (img[0], txt[0], scale)
+
+    @torch.no_grad()
+    def out_to_loss(self, img: Tensor, txt: Tensor, scale: Tensor, sim_idx: Tensor) -> Tensor:
+        """(B, 1) ones: the loss's gradient already carries the weight."""
+        return torch.ones(img.shape[0], 1, dtype=torch.float32, device=img.device)
+
+
+def training_output(output: str) -> ClipMargin:
+    """The model output of the training side of ``--output`` (``settings.OUTPUTS``)."""
+    return ClipLoss() if output == "loss" else ClipMargin()

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from trak.projectors import AbstractProjector, ProjectionType
 
-from engine.attribution.factored import block_key, factored_layout, is_factored
+from engine.attribution.factored import BLOCK_SUFFIX, block_key, factored_layout, is_factored
 from engine.attribution.gradients import TOKEN_EMBEDDING_SUFFIX
 from engine.attribution.settings import BuildConfig
 
@@ -227,7 +227,60 @@ def cuda_dense_projector(
     )
 
 
-def projector_for(model: torch.nn.Module, cfg: BuildConfig, names: list[str]) -> KeyedProjector:
+def module_of(name: str) -> str:
+    """The module a parameter (or a factored weight's block) belongs to: ``...attn.in_proj``
+    for ``...attn.in_proj_weight`` / ``_bias``, ``a.b`` for ``a.b.weight`` / ``a.b.bias``, the
+    name itself for a parameter of the model's root (``text_projection``, ``logit_scale``)."""
+    name = name.removesuffix(BLOCK_SUFFIX)
+    head, _, last = name.rpartition(".")
+    if last.startswith("in_proj_"):
+        return f"{head}.in_proj" if head else "in_proj"
+    if last in ("weight", "bias") and head:
+        return head
+    return name
+
+
+def module_groups(names: list[str]) -> dict[str, list[str]]:
+    """Parameter names by module, modules and names in the order given."""
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        groups.setdefault(module_of(n), []).append(n)
+    return groups
+
+
+class ModuleProjector(AbstractProjector):
+    """``--estimator modules``: each module's gradient projected to its own block of dimensions
+    (``KeyedProjector`` per module, seeded by its name), the blocks concatenated, so that
+    X^T X can be taken block by block (one per module: ``RegularizedScoreComputer`` with
+    ``blocks``). A module of D parameters gets min(D, module_dim) dimensions."""
+
+    def __init__(self, parts: dict[str, KeyedProjector], device: str = "cpu") -> None:
+        self.parts = parts
+        self.blocks = [p.proj_dim for p in parts.values()]
+        total = sum(self.blocks)
+        grad_dim = sum(p.grad_dim for p in parts.values())
+        super().__init__(grad_dim, total, 0, ProjectionType.normal, device)
+        self.dense_projector = None
+
+    def project(self, grads: dict[str, Any], model_id: int) -> Tensor:  # type: ignore[override]
+        out = []
+        for part in self.parts.values():
+            sub = {
+                "dense": {n: grads["dense"][n] for n in part.dense_names},
+                "token": grads.get("token") if part.token_name else None,
+                "ids": grads.get("ids"),
+            }
+            out.append(part.project(sub, model_id))  # (B, k_m)
+        return torch.cat(out, dim=1)
+
+    def free_memory(self) -> None:
+        for part in self.parts.values():
+            part.free_memory()
+
+
+def projector_for(
+    model: torch.nn.Module, cfg: BuildConfig, names: list[str]
+) -> KeyedProjector | ModuleProjector:
     """The run's projection of the gradients of parameters ``names`` (the build and every later
     query must use the same one): on CUDA with ``fast_jl`` installed, traker's CudaProjector for
     the dense parameters. With ``--projector factored`` its dense "parameters" are the factored
@@ -239,6 +292,8 @@ def projector_for(model: torch.nn.Module, cfg: BuildConfig, names: list[str]) ->
         shapes = {n: s for n, s in shapes.items() if n not in blocks}
         shapes.update({block_key(n): (b.k_rows, b.k_cols) for n, b in blocks.items()})
         token = None if token in blocks else token
+    if cfg.estimator == "modules":
+        return _module_projector(shapes, token, cfg)
     dense_dim = sum(math.prod(s) for n, s in shapes.items() if n != token)
     return KeyedProjector(
         shapes,
@@ -254,3 +309,29 @@ def projector_for(model: torch.nn.Module, cfg: BuildConfig, names: list[str]) ->
             else None
         ),
     )
+
+
+def _module_projector(
+    shapes: dict[str, tuple[int, ...]], token: str | None, cfg: BuildConfig
+) -> ModuleProjector:
+    """One ``KeyedProjector`` per module (sketched as ``--projector`` says; the token embedding,
+    a module of its own, by keyed token blocks)."""
+    parts = {}
+    for module, members in module_groups(list(shapes)).items():
+        sub = {n: shapes[n] for n in members}
+        tok = token if token in sub else None
+        numel = sum(math.prod(s) for n, s in sub.items() if n != tok)
+        if tok is not None:
+            numel += math.prod(shapes[tok])
+        k = max(1, min(numel, cfg.module_dim))
+        sketch = cfg.projector == "sketch" or is_factored(cfg)
+        parts[module] = KeyedProjector(
+            sub,
+            tok,
+            k,
+            seed=zlib.crc32(repr((cfg.seed, "module", module)).encode()),
+            device=cfg.device,
+            matmul_dtype=torch.bfloat16 if cfg.projector == "gaussian-bf16" else torch.float32,
+            sketch_dim=4 * k if sketch and numel > 4 * k else 0,
+        )
+    return ModuleProjector(parts, cfg.device)

@@ -26,6 +26,10 @@ class RegularizedScoreComputer(AbstractScoreComputer):
     eigenvalue), which keeps a rank-deficient X^T X (proj_dim too large for the training set)
     invertible. The rank, condition number and lambda of each finalized checkpoint go into
     ``self.diagnostics``, and a warning with the numbers is logged when the conditioning is bad.
+
+    ``blocks`` (``--estimator modules``: the dimensions of each module's block, in order) makes
+    X^T X block-diagonal: ``get_xtx`` returns the diagonal blocks packed one after another
+    ((sum k_b^2,) float64) and each block is solved alone, with its own lambda.
     """
 
     def __init__(
@@ -35,25 +39,79 @@ class RegularizedScoreComputer(AbstractScoreComputer):
         lambda_reg: float | None = None,
         lambda_rel: float = 1e-3,
         logging_level: int = logging.INFO,
+        blocks: list[int] | None = None,
     ) -> None:
         super().__init__(dtype, device)
         self.lambda_reg = lambda_reg
         self.lambda_rel = lambda_rel
+        self.blocks = list(blocks) if blocks else None
         self.diagnostics: list[dict[str, float]] = []
 
     def get_xtx(self, grads: Tensor) -> Tensor:
+        if self.blocks:
+            return self._block_xtx(grads)
         xtx = torch.zeros(grads.shape[1], grads.shape[1], dtype=torch.float64, device=self.device)
         for block in torch.split(grads, 20_000):
             block = block.to(self.device, torch.float64)
             xtx += block.T @ block
         return xtx  # (k, k)
 
+    def _block_xtx(self, grads: Tensor) -> Tensor:
+        """(sum k_b^2,) float64: each module's X_b^T X_b, flattened, one after another."""
+        parts = []
+        for cols in _column_slices(self.blocks):
+            x = grads[:, cols]
+            xtx = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=self.device)
+            for rows in torch.split(x, 20_000):
+                rows = rows.to(self.device, torch.float64)
+                xtx += rows.T @ rows
+            parts.append(xtx.reshape(-1))
+        return torch.cat(parts)
+
     def get_x_xtx_inv(self, grads: Tensor, xtx: Tensor) -> Tensor:
+        if self.blocks:
+            return self._block_x_xtx_inv(grads, xtx)
+        return self._x_xtx_inv(grads, xtx)
+
+    def _block_x_xtx_inv(self, grads: Tensor, packed: Tensor) -> Tensor:
+        """Each module's X_b (X_b^T X_b + lambda_b I)^-1; the diagnostics summarise the blocks
+        (summed rank, largest condition number, mean lambda)."""
+        out = torch.empty(grads.shape, dtype=self.dtype, device=self.device)
+        infos, offset = [], 0
+        for k, cols in zip(self.blocks, _column_slices(self.blocks), strict=True):
+            xtx = packed[offset : offset + k * k].reshape(k, k)
+            offset += k * k
+            out[:, cols] = self._x_xtx_inv(grads[:, cols], xtx)
+            infos.append(self.diagnostics.pop())
+        self.diagnostics.append(
+            {
+                "rank": sum(i["rank"] for i in infos),
+                "proj_dim": sum(self.blocks),
+                "n_train": grads.shape[0],
+                "lambda": float(np.mean([i["lambda"] for i in infos])),
+                "condition": max(i["condition"] for i in infos),
+                "blocks": len(self.blocks),
+            }
+        )
+        return out
+
+    def _x_xtx_inv(self, grads: Tensor, xtx: Tensor) -> Tensor:
         k = xtx.shape[0]
         eig = torch.linalg.eigvalsh(xtx).clamp_min(0)
         lam = self.lambda_reg
         if lam is None:
             lam = self.lambda_rel * float(eig.sum()) / k
+        if lam == 0 and float(eig.sum()) == 0:  # a module the output does not depend on
+            self.diagnostics.append(
+                {
+                    "rank": 0,
+                    "proj_dim": k,
+                    "n_train": grads.shape[0],
+                    "lambda": 0.0,
+                    "condition": 1.0,
+                }
+            )
+            return torch.zeros(grads.shape, dtype=self.dtype, device=self.device)
         rank = int((eig > eig.max() * k * torch.finfo(torch.float32).eps).sum())
         cond = float((eig.max() + lam) / (eig.min() + lam)) if eig.max() + lam > 0 else float("inf")
         info = {
@@ -87,6 +145,11 @@ class RegularizedScoreComputer(AbstractScoreComputer):
 
     def get_scores(self, features: Tensor, target_grads: Tensor, accumulator: Tensor) -> None:
         accumulator += (features.to(self.device) @ target_grads.to(self.device).T).cpu()
+
+
+def _column_slices(blocks: list[int]) -> list[slice]:
+    edges = np.cumsum([0, *blocks])
+    return [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
 
 
 def self_influence(

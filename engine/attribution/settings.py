@@ -27,6 +27,23 @@ PROJECTORS = {
 }
 
 
+# --estimator: how a training pair's projected gradient becomes its features (score = features .
+# target gradient). Measured against retrained models in BENCHMARKS.md (bench_estimators).
+ESTIMATORS = {
+    "trak": "TRAK (Park et al. 2023): one X^T X over every attributed parameter (default)",
+    "modules": "TRAK with a separate X^T X per module (block-diagonal): each module's gradient "
+    "projected to its own --module-dim dimensions, solved alone (bergson's per-module TRAK)",
+}
+# --output: the training side's gradient (targets always use the CLIP margin they attribute)
+OUTPUTS = {
+    "margin": "the TRAK paper's CLIP margin, weighted by 1 - p (the out-to-loss term), as the "
+    "targets' (default)",
+    "loss": "the pair's own contrastive loss over its simulated batch at the model's "
+    "temperature: the gradient training follows (no out-to-loss weight)",
+}
+DEFAULT_MODULE_DIM = 256  # --module-dim: each module's dimensions under --estimator modules
+
+
 @dataclass
 class BuildConfig:
     """Settings of an attribution run (all recorded in the manifest)."""
@@ -50,6 +67,9 @@ class BuildConfig:
     pretrained: str | None = None  # open_clip pretrained tag: its preprocessing and activation
     workers: int = -1  # DataLoader workers reading images; -1 = 0 below 1000 images, else <= 4
     shard_size: int = 0  # pairs per unit of work (embed, featurize, targets); 0 = 20,000
+    estimator: str = "trak"  # how projected gradients become features, see ESTIMATORS
+    output: str = "margin"  # the training side's model output, see OUTPUTS
+    module_dim: int = 0  # --estimator modules: dimensions per module; 0 = DEFAULT_MODULE_DIM
 
 
 # What a run keeps of its (n_train, n_val) scores; both keep the top-k of every validation
@@ -60,6 +80,13 @@ SCORE_FORMS = {
 }
 # auto: dense up to this many scores (a 1 GiB scores.npy: 30,000 x 8,900), top-k past it
 DENSE_MAX_SCORES = 2**28
+
+
+def estimator_label(cfg: BuildConfig) -> str:
+    """How a run's scores were estimated, in a few words: ``trak``, ``modules (256 per module),
+    output loss``."""
+    name = cfg.estimator + (f" ({cfg.module_dim} per module)" if cfg.estimator == "modules" else "")
+    return name + (f", output {cfg.output}" if cfg.output != "margin" else "")
 
 
 # Settings that do not change a run's results: a resume may change them.
@@ -109,6 +136,17 @@ def resolve(
         )
     if cfg.topk < 1:
         raise ConfigError(f"--topk must be at least 1, got {cfg.topk}")
+    if cfg.estimator not in ESTIMATORS:
+        raise ConfigError(
+            f"--estimator must be one of {', '.join(ESTIMATORS)}, got {cfg.estimator!r}"
+        )
+    if cfg.output not in OUTPUTS:
+        raise ConfigError(f"--output must be one of {', '.join(OUTPUTS)}, got {cfg.output!r}")
+    if cfg.module_dim < 0 or (cfg.module_dim and cfg.estimator != "modules"):
+        raise ConfigError(
+            f"--module-dim is the dimensions per module of --estimator modules (0: "
+            f"{DEFAULT_MODULE_DIM}), got {cfg.module_dim} with --estimator {cfg.estimator}"
+        )
     if cfg.shard_size < 0:
         raise ConfigError(
             f"--shard-size must be 0 (auto) or a number of pairs, got {cfg.shard_size}"
@@ -121,4 +159,5 @@ def resolve(
         topk=topk,
         projector=projector,
         scores=scores,
+        module_dim=(cfg.module_dim or DEFAULT_MODULE_DIM) if cfg.estimator == "modules" else 0,
     )

@@ -12,6 +12,13 @@ from typing import Annotated
 
 import typer
 
+from engine.attribution.settings import (
+    DEFAULT_MODULE_DIM,
+    ESTIMATORS,
+    OUTPUTS,
+    PROJECTORS,
+    SCORE_FORMS,
+)
 from engine.cli import inputs
 from engine.cli.explore import serve
 from engine.cli.options import (
@@ -37,6 +44,11 @@ from engine.data.failures import FAILURES
 
 log = logging.getLogger("engine")
 _FAILURE_HELP = "; ".join(f"{k} ({v})" for k, v in FAILURES.items())
+
+
+def _choices(table: dict[str, str]) -> str:
+    """A flag's choices as its --help lists them: the table the code reads."""
+    return "; ".join(f"{k} ({v})" for k, v in table.items())
 
 
 def demo(
@@ -276,8 +288,9 @@ def build(
     scores: Annotated[
         str,
         typer.Option(
-            help="Scores kept: dense (scores.npy, n_train x n_val), topk (no scores.npy; "
-            "columns recomputed on demand) or auto (dense up to 2^28 scores)."
+            help="Scores kept: "
+            + _choices(SCORE_FORMS)
+            + "; auto: dense up to 2^28 scores, else topk."
         ),
     ] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of simulated batches and projection.")] = 0,
@@ -286,10 +299,25 @@ def build(
     projector: Annotated[
         str,
         typer.Option(
-            help="JL projection of the gradients: gaussian, gaussian-bf16 or sketch (count sketch "
-            "then Gaussian, O(D) per pair); auto = gaussian on CUDA with fast_jl, else sketch."
+            help="JL projection of the gradients: "
+            + _choices(PROJECTORS)
+            + "; auto = gaussian on CUDA with fast_jl, else sketch."
         ),
     ] = "auto",
+    estimator: Annotated[
+        str, typer.Option(help="How gradients become scores: " + _choices(ESTIMATORS) + ".")
+    ] = "trak",
+    output: Annotated[
+        str,
+        typer.Option(help="The training side's model output: " + _choices(OUTPUTS) + "."),
+    ] = "margin",
+    module_dim: Annotated[
+        int,
+        typer.Option(
+            help=f"--estimator modules: dimensions per module (0 = {DEFAULT_MODULE_DIM}); the "
+            "run keeps the sum over modules per pair and checkpoint."
+        ),
+    ] = 0,
     overwrite: Annotated[
         bool, typer.Option(help="Start the run again if OUT holds one with other settings.")
     ] = False,
@@ -353,6 +381,9 @@ def build(
         scores=scores,
         projector=projector,
         shard_size=shard_size,
+        estimator=estimator,
+        output=output,
+        module_dim=module_dim,
     )
     run = build_run(
         train_pairs,

@@ -232,9 +232,9 @@ class QueryEngine(RunData):
         ``gradients_of`` per pair for a group's wrong matches)."""
         if len(images) != len(captions):
             raise InputError(f"{len(images)} images but {len(captions)} captions")
-        out = np.zeros((len(images), self.n_models, self.cfg.proj_dim), np.float32)
         with self._lock:
             loaded = self._gradient_models()
+            out = np.zeros((len(images), self.n_models, self.projector.proj_dim), np.float32)
             for s in range(0, len(images), batch_size):
                 x = torch.stack([self.bundle.preprocess(im) for im in images[s : s + batch_size]])
                 texts = [clean_caption(c)[0].strip() for c in captions[s : s + batch_size]]

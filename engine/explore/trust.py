@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from engine import files
-from engine.attribution.settings import MAX_CONDITION
+from engine.attribution.settings import MAX_CONDITION, estimator_label
 from engine.run.health import health
 from engine.run.layout import RunLayout
 from engine.run.manifest import Manifest
@@ -121,7 +121,8 @@ def verdict(manifest: Manifest, lds: dict[str, Any] | None = None) -> Verdict:
         trust = lds.get("trust") or lds_trust(lds["methods"])
         if trak is not None:
             evidence.append(
-                f"LDS of TRAK {trak['lds']:+.3f} [{trak['ci'][0]:+.3f}, {trak['ci'][1]:+.3f}] "
+                f"LDS of this run's scores ({estimator_label(manifest.config)}) "
+                f"{trak['lds']:+.3f} [{trak['ci'][0]:+.3f}, {trak['ci'][1]:+.3f}] "
                 f"over {lds['counts']['subsets']} retrained subsets"
             )
         if trust["above_random"] is False:

@@ -139,6 +139,9 @@ def summary(manifest: Manifest) -> str:
     lines = [
         f"model        {cfg.model} x {counts.n_checkpoints} checkpoints",
         f"pairs        {counts.n_train} train, {counts.n_val} val",
+        f"estimator    {cfg.estimator}"
+        + (f" ({cfg.module_dim} dimensions per module)" if cfg.estimator == "modules" else "")
+        + f", training output {cfg.output}",
         f"TRAK         proj_dim {counts.proj_dim}, grad params {cfg.grad_params}, "
         f"simulated batch {cfg.sim_batch_size}, device {cfg.device}",
         f"scores       {cfg.scores}: top {cfg.topk} per validation pair and sign"
