@@ -6,7 +6,8 @@ GROW_RULES = {
     "word": "word:W, the pairs whose caption contains the word W",
     "cluster": "cluster:C, the pairs in visual cluster C",
     "neighbours": "neighbours:K, the K nearest training images of each pair in the basket",
-    "auto": "the feature the basket's pairs share most (at least --min-share of them carry it)",
+    "auto": "the feature most of the basket's pairs carry (at least --min-share of them, three "
+    "times as often as the training set)",
 }
 CAUSE_RANKINGS = {
     "confusion": "help to the wrong matches of the group's failing pairs (new queries)",

@@ -12,9 +12,9 @@ column:K=V         whose field K equals V
 word:W             whose caption contains the word W
 cluster:C          in visual cluster C (k-means of the training images' CLIP embeddings)
 neighbours:K       the K nearest training images (CLIP) of each pair in the basket
-auto               the rows of the feature the basket's pairs share most (by z-score) among
-                   those that at least ``min_share`` of them carry, ``min_lift`` times as
-                   often as the training set does
+auto               the rows of the feature most of the basket's pairs carry, among those that
+                   at least ``min_share`` of them carry, ``min_lift`` times as often as the
+                   training set does (ties: the higher lift)
 =================  ==========================================================================
 """
 
@@ -104,7 +104,8 @@ def grow(
                 f"{min_lift:g} times its share of the training set; lower --min-share or grow "
                 "by a rule (basket grow without --by lists what they share)"
             )
-        best = shared[0]
+        # a fix has to catch nearly all of a cause: the feature most of the basket carries
+        best = max(shared, key=lambda f: (f.count, f.lift))
         return Growth(
             best.rule(),
             features.rows_with(best),

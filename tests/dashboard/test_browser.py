@@ -316,3 +316,32 @@ def test_compare_page_before_and_after(
                 page, f'[data-testid="stColumn"]:has([class*="st-key-cmp-{side}-pos"]) img', 6
             )
         page.screenshot(path=str(tmp_path / "compare.png"), full_page=True)
+
+
+# --- a failing group: deep link, the wrong matches attributed, the causes into a basket ---
+
+
+def test_group_page_from_failing_pairs_to_a_basket(page, csv_run, arrays, tmp_path):
+    from engine.curate import baskets
+    from engine.run.layout import RunLayout
+
+    ranks = np.load(csv_run / "val_caption_rank.npy")
+    worst = arrays["val"][int(np.argmax(ranks))]
+    with serving(csv_run, tmp_path / "serve.log") as url:
+        page.goto(f"{url}/group?group=failing:6")  # a deep link straight to the page
+        page.get_by_role("heading", name="Why do these pairs fail?").wait_for()
+        page.get_by_role("heading", name="Group: worst-matched 6").wait_for()
+        page.get_by_text(worst["caption"]).first.wait_for()  # among the group's pairs
+        wait_images(page, '[data-testid="stColumn"]:has([class*="st-key-gr-help-open-"]) img', 4)
+        page.get_by_role("button", name="Attribute the wrong matches").click()
+        page.get_by_role(
+            "heading", name="The causes: training pairs that drive the wrong matches"
+        ).wait_for()
+        wait_images(page, '[data-testid="stColumn"]:has([class*="st-key-gr-causes-open-"]) img', 4)
+        assert "confusion=1" in page.url and "group=failing" in page.url
+        page.get_by_role("button", name="Add the top causes").click()
+        page.get_by_text("causes added to basket").wait_for()
+        page.screenshot(path=str(tmp_path / "group.png"), full_page=True)
+    names = baskets.basket_names(RunLayout(csv_run))
+    basket = baskets.read_basket(RunLayout(csv_run), names[0])
+    assert basket.group["spec"] == "failing:6" and len(basket.group["held_out"]) == 3
