@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_common import arguments, machine, md_table, write_section
+from bench_common import arguments, fill_basket, machine, md_table, write_section
 from engine import demo
 from engine.cli.eval_cmds import train_config
-from engine.curate import baskets, select
+from engine.curate import select
 from engine.evaluate.clean import CleanConfig, evaluate_clean
 from engine.explore.run_data import RunData
 
@@ -37,17 +37,6 @@ LABELS = {
     "full": "nothing (every pair)",
 }
 METRICS = ("margin", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5")
-
-
-def fill(data: RunData, name: str, rows: np.ndarray, how: str, why: str, val_ids=()) -> None:
-    """The basket ``name`` holding exactly ``rows`` (emptied first when it held others)."""
-    have = baskets.find_basket(data.layout, name)
-    wanted = {str(data.train[int(i)]["id"]) for i in rows}
-    if have is not None and set(have.ids) == wanted:
-        return
-    if have is not None:
-        baskets.remove_ids(data.layout, name, have.ids)
-    baskets.add_rows(data.layout, name, data.train, rows, why, how, "bench", val_ids)
 
 
 def cell(value: dict, digits: int = 3) -> str:
@@ -117,9 +106,11 @@ def main() -> None:
     half_a, half_b = select.val_halves(len(data.val), 0)
     suspects = select.top_suspects(data.suspect, n)
     harmful = select.most_harmful(select.column_sum(data.scores, half_a), n)
-    fill(data, "suspects", suspects, "suspects", f"among the {n} most suspect")
+    fill_basket(data, "suspects", suspects, "suspects", f"among the {n} most suspect")
     val_ids = [str(data.val[j]["id"]) for j in half_a]
-    fill(data, "harmful-a", harmful, "harmful", f"among the {n} most harmful to half a", val_ids)
+    fill_basket(
+        data, "harmful-a", harmful, "harmful", f"among the {n} most harmful to half a", val_ids
+    )
     tcfg, where = train_config(run, {})
     load_before, t0 = os.getloadavg(), time.perf_counter()
     results = {}

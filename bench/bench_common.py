@@ -145,6 +145,20 @@ def run_child(code: str, *args: str) -> dict[str, Any]:
 # --- the demo world ----------------------------------------------------------------------------
 
 
+def fill_basket(data: Any, name: str, rows: np.ndarray, how: str, why: str, val_ids=()) -> None:
+    """The basket ``name`` of a run (``RunData``) holding exactly ``rows`` (emptied first when
+    it held others)."""
+    from engine.curate import baskets
+
+    have = baskets.find_basket(data.layout, name)
+    wanted = {str(data.train[int(i)]["id"]) for i in rows}
+    if have is not None and set(have.ids) == wanted:
+        return
+    if have is not None:
+        baskets.remove_ids(data.layout, name, have.ids)
+    baskets.add_rows(data.layout, name, data.train, rows, why, how, "bench", val_ids)
+
+
 def demo_pairs(demo_dir: Path) -> tuple[PairSet, PairSet]:
     """The training and validation pairs of a demo folder (``trakview demo --out DIR``)."""
     data = Path(demo_dir) / "data"

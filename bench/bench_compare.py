@@ -26,7 +26,15 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_common import arguments, demo_pairs, machine, md_table, train_on, write_section
+from bench_common import (
+    arguments,
+    demo_pairs,
+    fill_basket,
+    machine,
+    md_table,
+    train_on,
+    write_section,
+)
 from engine import demo, files
 from engine.assemble.orchestrate import build
 from engine.cli.eval_cmds import train_config
@@ -42,23 +50,12 @@ from engine.run.layout import RunLayout
 DEFAULT_DEMO = Path("/tmp/clean-demo")  # bench_clean's demo: its run and baskets are shared
 
 
-def fill(data: RunData, name: str, rows: np.ndarray, how: str, why: str) -> None:
-    """The basket ``name`` holding exactly ``rows`` (emptied first when it held others)."""
-    have = baskets.find_basket(data.layout, name)
-    wanted = {str(data.train[int(i)]["id"]) for i in rows}
-    if have is not None and set(have.ids) == wanted:
-        return
-    if have is not None:
-        baskets.remove_ids(data.layout, name, have.ids)
-    baskets.add_rows(data.layout, name, data.train, rows, why, how, "bench")
-
-
 def make_baskets(data: RunData, n: int, seed: int) -> dict[str, np.ndarray]:
     """The two default baskets of ``n`` pairs, filled in run A (kept as they are when present)."""
     suspects = select.top_suspects(data.suspect, n)
     rand = np.random.default_rng([seed, n, 5]).choice(len(data.train), n, replace=False)
-    fill(data, "cmp-suspects", suspects, "suspects", f"among the {n} most suspect")
-    fill(data, "cmp-random", np.sort(rand), "cli", f"{n} random pairs (seed {seed})")
+    fill_basket(data, "cmp-suspects", suspects, "suspects", f"among the {n} most suspect")
+    fill_basket(data, "cmp-random", np.sort(rand), "cli", f"{n} random pairs (seed {seed})")
     return {"cmp-suspects": suspects, "cmp-random": rand}
 
 

@@ -218,3 +218,37 @@ HOSTILE_IDS = ("../../etc/passwd", "'\"><script>alert(1)</script>", "a`b*c_d[e](
 @pytest.fixture(scope="session")
 def hostile_ids() -> tuple[str, ...]:
     return HOSTILE_IDS
+
+
+COMPARE_BASKET = 12  # run B: run A (the session's run) without its 12 most suspect pairs
+COMPARE_SKIPPED_VAL = 3  # ... and without A's first 3 validation pairs
+
+
+@pytest.fixture(scope="session")
+def compare_runs(tmp_path_factory, run_dir, pairs, tensors) -> tuple[Path, Path]:
+    """(A, B) for `trakview compare`: A a copy of the session's run (at its depth, so that its
+    checkpoint paths resolve) holding the basket ``sus`` of its 12 most suspect pairs; B retrained
+    without them (the session's trainer) and built on A's validation pairs but the first 3."""
+    import shutil
+    from dataclasses import replace
+
+    import numpy as np
+
+    from engine.curate import baskets, select
+    from engine.files import read_jsonl
+    from engine.run.layout import RunLayout
+    from engine.run.manifest import open_manifest
+
+    base = tmp_path_factory.mktemp("compare")
+    a, b = base / "run_a", base / "run_b"
+    shutil.copytree(run_dir, a, ignore=shutil.ignore_patterns("eval", "baskets"))
+    records = read_jsonl(RunLayout(a).pairs("train"))
+    gone = select.top_suspects(np.load(RunLayout(a).suspect), COMPARE_BASKET)
+    baskets.add_rows(RunLayout(a), "sus", records, gone, "suspect", "suspects")
+    keep = np.setdiff1d(np.arange(len(records)), gone)
+    images, tokens = tensors["train"]
+    models = train.train_ensemble(images[keep], tokens[keep], SMALL_TRAIN, base / "models")
+    cfg = replace(open_manifest(a).config, checkpoints=[str(p) for p in models])
+    kept = PairSet([pairs[0].records[i] for i in keep], pairs[0].root)
+    build(kept, PairSet(pairs[1].records[COMPARE_SKIPPED_VAL:], pairs[1].root), cfg, b)
+    return a, b

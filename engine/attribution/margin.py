@@ -121,8 +121,11 @@ class ClipMargin(AbstractModelOutput):
         s_ii = (img * txt).sum()
         s_ij = (img @ sim_text.T).squeeze(0)  # (S,) this image against the batch's captions
         s_ji = (txt @ sim_image.T).squeeze(0)  # (S,) this caption against the batch's images
-        margin = -torch.logsumexp(s_ij - s_ii, dim=0) - torch.logsumexp(s_ji - s_ii, dim=0)
-        return margin, (img[0], txt[0], scale)
+        return self.output(s_ii, s_ij, s_ji, scale), (img[0], txt[0], scale)
+
+    def output(self, s_ii: Tensor, s_ij: Tensor, s_ji: Tensor, scale: Tensor) -> Tensor:
+        """The output from the pair's similarity and its batch's: the margin, at temperature 1."""
+        return -torch.logsumexp(s_ij - s_ii, dim=0) - torch.logsumexp(s_ji - s_ii, dim=0)
 
     def get_out_to_loss_grad(  # type: ignore[override]
         self,
@@ -166,25 +169,10 @@ class ClipLoss(ClipMargin):
     ``ClipMargin``: it is the output their scores attribute.
     """
 
-    def margin_and_embeddings(  # type: ignore[override]
-        self,
-        model: torch.nn.Module,
-        weights: dict[str, Tensor],
-        buffers: dict[str, Tensor],
-        image: Tensor,
-        text: Tensor,
-        sim_image: Tensor,
-        sim_text: Tensor,
-    ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
-        img, txt, scale = torch.func.functional_call(
-            model, (weights, buffers), args=(image.unsqueeze(0), text.unsqueeze(0))
-        )[:3]
-        s_ii = (img * txt).sum()
-        s_ij = (img @ sim_text.T).squeeze(0)  # (S,)
-        s_ji = (txt @ sim_image.T).squeeze(0)  # (S,)
+    def output(self, s_ii: Tensor, s_ij: Tensor, s_ji: Tensor, scale: Tensor) -> Tensor:
         row = torch.logsumexp(scale * torch.cat([s_ii[None], s_ij]), dim=0) - scale * s_ii
         col = torch.logsumexp(scale * torch.cat([s_ii[None], s_ji]), dim=0) - scale * s_ii
-        return -(row + col) / 2, (img[0], txt[0], scale)
+        return -(row + col) / 2
 
     @torch.no_grad()
     def out_to_loss(self, img: Tensor, txt: Tensor, scale: Tensor, sim_idx: Tensor) -> Tensor:

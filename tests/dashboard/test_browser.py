@@ -242,36 +242,15 @@ def test_basket_from_a_card_to_the_cleaned_csv(page, csv_run, arrays, tmp_path):
 # --- Compare: run B (retrained without a basket of A) against A, predicted against actual ---
 
 
-def test_compare_page_before_and_after(
-    page, run_dir, pairs, tensors, small_train, tmp_path_factory, tmp_path, monkeypatch
-):
-    """`serve A` with run B (the runs of tests/dashboard/test_compare.py, built once a session):
+def test_compare_page_before_and_after(page, compare_runs, tmp_path, monkeypatch):
+    """`serve A` with run B (the session's ``compare_runs``, as tests/dashboard/test_compare.py):
     the headline numbers, the predicted-against-actual scatter, a point clicked selects its pair,
     and both runs' influencer images load for it."""
-    from dataclasses import replace
-    from shutil import copytree, ignore_patterns
-
-    from engine.assemble.orchestrate import build
-    from engine.curate import baskets, select
-    from engine.data.pairs import PairSet
+    from engine.curate import baskets
     from engine.files import read_jsonl
-    from engine.models import train
     from engine.run.layout import RunLayout
-    from engine.run.manifest import open_manifest
 
-    base = tmp_path_factory.getbasetemp() / "compare"
-    a, b = base / "run_a", base / "run_b"
-    if not RunLayout(b).manifest.is_file():  # as test_compare.py's runs_a_b builds them
-        copytree(run_dir, a, ignore=ignore_patterns("eval", "baskets"))
-        records = read_jsonl(RunLayout(a).pairs("train"))
-        gone = select.top_suspects(np.load(RunLayout(a).suspect), 12)
-        baskets.add_rows(RunLayout(a), "sus", records, gone, "suspect", "suspects")
-        keep = np.setdiff1d(np.arange(len(records)), gone)
-        images, tokens = tensors["train"]
-        models = train.train_ensemble(images[keep], tokens[keep], small_train, base / "models")
-        cfg = replace(open_manifest(a).config, checkpoints=[str(p) for p in models])
-        kept = PairSet([pairs[0].records[i] for i in keep], pairs[0].root)
-        build(kept, PairSet(pairs[1].records[3:], pairs[1].root), cfg, b)
+    a, b = compare_runs
     val_a = read_jsonl(a / "val.jsonl")
     margin_b = {
         r["id"]: m

@@ -7,7 +7,6 @@ marked, and a run that cannot be compared is said so in one line."""
 from __future__ import annotations
 
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,40 +15,17 @@ from streamlit.testing.v1 import AppTest
 
 from dashboard import state
 from engine import files
-from engine.assemble.orchestrate import build
-from engine.curate import baskets, select
-from engine.data.pairs import PairSet
+from engine.curate import baskets
 from engine.files import read_jsonl
-from engine.models import train
 from engine.run.layout import RunLayout
-from engine.run.manifest import open_manifest
 
 APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
 K = 6  # the page's default influencers per gallery
 
 
-def runs_a_b(factory, run_dir, pairs, tensors, small_train):
-    """(A, B) built once per session under the session's temp folder (the same two runs as
-    tests/engine/evaluate/test_compare.py, whichever builds them first)."""
-    base = factory.getbasetemp() / "compare"
-    a, b = base / "run_a", base / "run_b"  # A at run_dir's depth: its checkpoint paths resolve
-    if not RunLayout(b).manifest.is_file():
-        shutil.copytree(run_dir, a, ignore=shutil.ignore_patterns("eval", "baskets"))
-        records = read_jsonl(RunLayout(a).pairs("train"))
-        gone = select.top_suspects(np.load(RunLayout(a).suspect), 12)
-        baskets.add_rows(RunLayout(a), "sus", records, gone, "suspect", "suspects")
-        keep = np.setdiff1d(np.arange(len(records)), gone)
-        images, tokens = tensors["train"]
-        models = train.train_ensemble(images[keep], tokens[keep], small_train, base / "models")
-        cfg = replace(open_manifest(a).config, checkpoints=[str(p) for p in models])
-        kept = PairSet([pairs[0].records[i] for i in keep], pairs[0].root)
-        build(kept, PairSet(pairs[1].records[3:], pairs[1].root), cfg, b)
-    return a, b
-
-
 @pytest.fixture(scope="module")
-def ab(tmp_path_factory, run_dir, pairs, tensors, small_train):
-    return runs_a_b(tmp_path_factory, run_dir, pairs, tensors, small_train)
+def ab(compare_runs):
+    return compare_runs
 
 
 def compare_page(monkeypatch, a: Path, b: Path | None) -> AppTest:

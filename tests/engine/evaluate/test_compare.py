@@ -11,53 +11,29 @@ import json
 import shutil
 import subprocess
 import sys
-from dataclasses import replace
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from engine import files
-from engine.assemble.orchestrate import build
 from engine.cli import app
 from engine.cli.app import main
-from engine.curate import baskets, select
-from engine.data.pairs import PairSet
+from engine.curate import baskets
 from engine.errors import CompareError
 from engine.evaluate import compare_report
 from engine.evaluate.compare import CompareConfig, compare_runs, fixed_contrast_margin
 from engine.explore.run_data import RunData
 from engine.files import read_jsonl
-from engine.models import train
 from engine.run.layout import RunLayout
-from engine.run.manifest import open_manifest
 
 SKIPPED_VAL = 3  # B's validation set lacks A's first 3 pairs
 BASKET = 12
 
 
-def runs_a_b(factory, run_dir, pairs, tensors, small_train):
-    """(A, B) as the module doc says, built once per session under the session's temp folder
-    (the dashboard tests use the same two runs)."""
-    base = factory.getbasetemp() / "compare"
-    a, b = base / "run_a", base / "run_b"  # A at run_dir's depth: its checkpoint paths resolve
-    if not RunLayout(b).manifest.is_file():
-        shutil.copytree(run_dir, a, ignore=shutil.ignore_patterns("eval", "baskets"))
-        records = read_jsonl(RunLayout(a).pairs("train"))
-        gone = select.top_suspects(np.load(RunLayout(a).suspect), BASKET)
-        baskets.add_rows(RunLayout(a), "sus", records, gone, "suspect", "suspects")
-        keep = np.setdiff1d(np.arange(len(records)), gone)
-        images, tokens = tensors["train"]
-        models = train.train_ensemble(images[keep], tokens[keep], small_train, base / "models")
-        cfg = replace(open_manifest(a).config, checkpoints=[str(p) for p in models])
-        kept = PairSet([pairs[0].records[i] for i in keep], pairs[0].root)
-        build(kept, PairSet(pairs[1].records[SKIPPED_VAL:], pairs[1].root), cfg, b)
-    return a, b
-
-
 @pytest.fixture(scope="module")
-def ab(tmp_path_factory, run_dir, pairs, tensors, small_train):
-    return runs_a_b(tmp_path_factory, run_dir, pairs, tensors, small_train)
+def ab(compare_runs):
+    return compare_runs
 
 
 def truth(a, b):
