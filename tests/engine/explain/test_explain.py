@@ -104,6 +104,9 @@ def test_cli_names_every_rule_and_prints_json(run_dir, view):
         "column:size=small": ["--val-column", "size=small"],
         "failing:4/margin": ["--group", "failing:4/margin"],
     }
+    coords = view.val_map()
+    box = f"{coords[:, 0].min()},{float(np.median(coords[:, 0]))},-1000,1000"
+    flags[f"region:{box}"] = ["--val-region", box]
     for param, extra in flags.items():
         done = runner.invoke(app, [*base, *extra])
         assert done.exit_code == 0, (param, done.output)
