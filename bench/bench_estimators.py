@@ -20,6 +20,7 @@ from bench_common import arguments, machine, md_table, run_child, write_section
 from engine.evaluate import stats
 from engine.evaluate.lds import load_lds_cache
 from engine.evaluate.methods import TrakScores
+from engine.run.layout import RunLayout
 from engine.run.manifest import open_manifest
 
 VARIANTS = {  # name -> BuildConfig changes against the run's own settings
@@ -89,7 +90,7 @@ def main() -> None:
         changes = VARIANTS[name]
         out = folder / name.replace(", ", "-").replace(" ", "")
         saved = out / "bench_cost.json"  # the build's own measurement, kept with it
-        if not (out / "manifest.json").is_file():  # TRAK too: timed beside the others
+        if not RunLayout(out).manifest.is_file():  # TRAK too: timed beside the others
             saved.unlink(missing_ok=True)
             cost = run_child(BUILD, str(run), str(out), json.dumps(changes))
             saved.write_text(json.dumps(cost))

@@ -49,10 +49,20 @@ WATERMARK_COLOUR = "golden"  # the colour word of every caption of the watermark
 SWAPPED = {"blue": "purple", "purple": "blue"}  # the colours the labeller swaps
 
 
-def check(kind: str) -> None:
-    """Refuses an unknown kind of planted failure."""
+def validation_count(asked: int | None, n_val: int) -> int:
+    """The watermarked validation pairs: as asked, or 40 (the demo's), at most a quarter."""
+    return asked if asked is not None else min(40, n_val // 4)
+
+
+def check(kind: str, fraction: float, val: int | None) -> None:
+    """Refuses an unknown kind of planted failure, a share outside [0, 1], a negative count."""
     if kind not in FAILURES:
         raise ConfigError(f"unknown planted failure {kind!r}; expected one of {list(FAILURES)}")
+    if not 0.0 <= fraction <= 1.0 or (val is not None and val < 0):
+        raise ConfigError(
+            f"WorldConfig.failure_fraction must be in [0, 1] and failure_val at least 0, got "
+            f"{fraction} and {val}."
+        )
 
 
 def choose(rng: np.random.Generator, free: list[int], count: int, split: str) -> set[int]:

@@ -78,7 +78,9 @@ class WorldConfig:
     n_rare_val: int = 4  # validation pairs showing the rare shape
     failure: str = "none"  # planted systematic failure, see engine.data.failures.FAILURES
     failure_fraction: float = 0.1  # watermark: share of training pairs; swapped: of blue/purple
-    failure_val: int = 40  # watermark: validation pairs of the source (swapped: all blue/purple)
+    # watermark: validation pairs of the source (None: 40, at most a quarter of n_val); swapped:
+    # every blue and purple validation pair
+    failure_val: int | None = None
 
 
 @dataclass
@@ -136,12 +138,7 @@ def _validate(config: WorldConfig) -> None:
         if not 0.0 <= value <= 0.5:
             raise ConfigError(f"WorldConfig.{name} must be in [0, 0.5], got {value}.")
     n_dup = round(config.near_duplicate_fraction * config.n_val)
-    failures.check(config.failure)
-    if not 0.0 <= config.failure_fraction <= 1.0 or config.failure_val < 0:
-        raise ConfigError(
-            f"WorldConfig.failure_fraction must be in [0, 1] and failure_val at least 0, got "
-            f"{config.failure_fraction} and {config.failure_val}."
-        )
+    failures.check(config.failure, config.failure_fraction, config.failure_val)
     n_special = n_dup + round(config.mislabeled_fraction * config.n_train) + config.n_rare_train
     if n_special > config.n_train:
         raise ConfigError(
@@ -341,7 +338,8 @@ def generate_world(config: WorldConfig = WorldConfig()) -> World:
     marked_val: set[int] = set()
     if kind == "watermark":
         free = [i for i in ordinary_val if i not in target_set]
-        marked_val = failures.choose(frng, free, config.failure_val, "validation")
+        count = failures.validation_count(config.failure_val, config.n_val)
+        marked_val = failures.choose(frng, free, count, "validation")
     val, val_scenes, kept = [], [], {}
     val_images = np.empty((n_val, size, size, 3), dtype=np.uint8)
     for i in range(n_val):

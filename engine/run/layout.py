@@ -290,9 +290,13 @@ class RunLayout:
         """The finished stages, sorted by name."""
         return sorted(p.stem for p in self.stages_dir.glob("*.json"))
 
+    @property
+    def units_dir(self) -> Path:
+        return self.root / "units"
+
     def unit(self, unit_id: str) -> Path:
         """Done-marker of one unit of the build graph: its timing and where it ran."""
-        return self.root / "units" / f"{unit_id}.json"
+        return self.units_dir / f"{unit_id}.json"
 
     def unit_done(self, unit_id: str) -> bool:
         return self.unit(unit_id).is_file()
