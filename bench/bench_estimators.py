@@ -77,12 +77,15 @@ def main() -> None:
     parser = arguments(__doc__)
     parser.add_argument("--run", type=Path, required=True, help="a run with `eval lds` done")
     parser.add_argument("--name", default="demo", help="the world's name in BENCHMARKS.md")
-    parser.add_argument("--variants", default="", help="comma-separated names (default: all)")
+    parser.add_argument("--variants", default="", help="names separated by ; (default: all)")
     parser.add_argument("--bootstrap", type=int, default=1000)
     args = parser.parse_args()
     run = args.run.resolve()
     masks, outputs = load_lds_cache(run)
-    wanted = [v.strip() for v in args.variants.split(",") if v.strip()] or list(VARIANTS)
+    wanted = [v.strip() for v in args.variants.split(";") if v.strip()] or list(VARIANTS)
+    unknown = [v for v in wanted if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     folder = run.parent / "estimators"
     results, predictions = {}, {}
     load = [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]

@@ -37,13 +37,18 @@ TIMINGS_ENV = "TRAKVIEW_TIMINGS"  # a file: each page run appends its seconds (b
 
 def run_dir(argv: list[str] | None = None) -> Path | None:
     """The run to show: ``--run DIR`` after ``--`` on the command line, else $TRAKVIEW_RUN."""
+    return _path_flag("--run", RUN_ENV, argv)
+
+
+def _path_flag(flag: str, env_name: str, argv: list[str] | None) -> Path | None:
+    """``FLAG DIR`` or ``FLAG=DIR`` among the arguments after ``--``, else the variable."""
     argv = sys.argv[1:] if argv is None else argv
     for i, arg in enumerate(argv):
-        if arg == "--run" and i + 1 < len(argv):
+        if arg == flag and i + 1 < len(argv):
             return Path(argv[i + 1])
-        if arg.startswith("--run="):
+        if arg.startswith(flag + "="):
             return Path(arg.split("=", 1)[1])
-    env = os.environ.get(RUN_ENV)
+    env = os.environ.get(env_name)
     return Path(env) if env else None
 
 
@@ -121,14 +126,7 @@ def val_figures(_run: RunView, key: str, val_id: str, k: int) -> tuple[go.Figure
 def compare_dir(argv: list[str] | None = None) -> Path | None:
     """The Compare page's second run: ``--compare DIR`` after ``--`` on the command line, else
     $TRAKVIEW_COMPARE (``trakview serve RUN --compare RUN_B`` sets it)."""
-    argv = sys.argv[1:] if argv is None else argv
-    for i, arg in enumerate(argv):
-        if arg == "--compare" and i + 1 < len(argv):
-            return Path(argv[i + 1])
-        if arg.startswith("--compare="):
-            return Path(arg.split("=", 1)[1])
-    env = os.environ.get(COMPARE_ENV)
-    return Path(env) if env else None
+    return _path_flag("--compare", COMPARE_ENV, argv)
 
 
 def open_other(path: Path) -> RunView:
