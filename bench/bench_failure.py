@@ -30,6 +30,7 @@ from engine import files
 from engine.attribution.summaries import top_rows
 from engine.cli.eval_cmds import train_config
 from engine.curate import baskets, grow, select
+from engine.errors import CurateError
 from engine.evaluate.clean import CleanConfig, evaluate_clean
 from engine.explain import report
 from engine.explain.groups import select_group
@@ -95,8 +96,14 @@ def main() -> None:
     ranks["random"] = np.random.default_rng(0).permutation(len(truth))
     top100 = top_rows(found.causes, 100)
     shared = report.describe.describe(features, top100)
-    growth = grow.grow("auto", top100, features, min_share=0.5)
-    grown = growth.rows
+    try:
+        growth = grow.grow("auto", top100, features, min_share=0.5)
+        grown, grown_label, grown_why = growth.rows, growth.rule, f"grown: {growth.why}"
+    except CurateError as exc:  # nothing shared enough: the confusion's own top N is the basket
+        print(f"basket grow --by auto: {exc}", flush=True)
+        grown = ranks["trakview: confusion (help to the wrong matches)"][:n]
+        grown_label = f"nothing shared enough to grow by: the confusion's top {n}"
+        grown_why = grown_label
     grown_order = np.concatenate(
         [
             grown[np.argsort(-found.causes[grown], kind="stable")],
@@ -107,7 +114,7 @@ def main() -> None:
     )
     rows_table = []
     for name, order in [
-        ("trakview: top 100 causes grown by what they share (" + growth.rule + ")", grown_order),
+        (f"trakview: top 100 causes grown by what they share ({grown_label})", grown_order),
         *ranks.items(),
     ]:
         p, r = precision_recall(order, truth, n)
@@ -139,7 +146,7 @@ def main() -> None:
             "split_seed": 0,
             "ranking": "confusion",
         }
-        fill(view, "bench-failure-trakview", grown, f"grown: {growth.why}", group)
+        fill(view, "bench-failure-trakview", grown, grown_why, group)
         fill(view, "bench-failure-truth", np.flatnonzero(truth), "the planted cause", group)
         tcfg, where = train_config(args.run, {})
         results = {}
