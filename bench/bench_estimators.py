@@ -41,6 +41,19 @@ VARIANTS = {  # name -> BuildConfig changes against the run's own settings
         "output": "loss",
         "lambda_rel": 0.1,
     },
+    "trak, unit": {"normalize": "unit"},
+    "trak, output batch-loss": {"output": "batch-loss"},
+    "trak, output loss, proj 2048, lambda 1, unit": {
+        "output": "loss",
+        "proj_dim": 2048,
+        "lambda_rel": 1.0,
+        "normalize": "unit",
+    },
+    "trak, output batch-loss, proj 2048, lambda 1": {
+        "output": "batch-loss",
+        "proj_dim": 2048,
+        "lambda_rel": 1.0,
+    },
 }
 
 BUILD = """
@@ -112,7 +125,7 @@ def main() -> None:
             "config": {
                 k: v
                 for k, v in asdict(manifest.config).items()
-                if k in ("estimator", "output", "module_dim", "proj_dim", "lambda_rel")
+                if k in ("estimator", "output", "module_dim", "proj_dim", "lambda_rel", "normalize")
             },
         }
         print(name, results[name], flush=True)

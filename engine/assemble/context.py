@@ -137,6 +137,7 @@ class WorkContext:
             lambda_reg=lambda_reg,
             lambda_rel=self.cfg.lambda_rel,
             blocks=self.blocks,
+            normalize=self.cfg.normalize,
         )
 
     @property
@@ -157,7 +158,10 @@ class WorkContext:
             projector=self.projector,
             saver=ShardSaver,
             score_computer=functools.partial(
-                RegularizedScoreComputer, lambda_rel=self.cfg.lambda_rel, blocks=self.blocks
+                RegularizedScoreComputer,
+                lambda_rel=self.cfg.lambda_rel,
+                blocks=self.blocks,
+                normalize=self.cfg.normalize,
             ),
             use_half_precision=self.cfg.half,
             grad_wrt=self.names,

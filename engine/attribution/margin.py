@@ -180,6 +180,42 @@ class ClipLoss(ClipMargin):
         return torch.ones(img.shape[0], 1, dtype=torch.float32, device=img.device)
 
 
+class ClipBatchLoss(ClipLoss):
+    """The training side's output of ``--output batch-loss``: the pair's part in the whole
+    contrastive loss of a batch made of it and its simulated batch B, the others' embeddings
+    constant: its own loss (its role as a positive) plus, for every pair j of B, the part of j's
+    loss that runs through the pair as one of j's negatives (ECIF's two roles of a CLIP pair,
+    arXiv 2411.11667),
+
+    -(CE_row_i + CE_col_i + sum_j [logsumexp_k tau S_jk + logsumexp_k tau S_kj]) / 2,
+
+    k over B and the pair; the terms of j that do not involve the pair are constants and drop out
+    of the gradient. Training on a batch moves the model along this gradient for the pair; the
+    loss output follows only its own term.
+    """
+
+    def margin_and_embeddings(
+        self,
+        model: torch.nn.Module,
+        weights: dict[str, Tensor],
+        buffers: dict[str, Tensor],
+        image: Tensor,
+        text: Tensor,
+        sim_image: Tensor,
+        sim_text: Tensor,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+        own, (img, txt, scale) = super().margin_and_embeddings(
+            model, weights, buffers, image, text, sim_image, sim_text
+        )
+        tau = scale.detach()
+        batch = tau * (sim_image @ sim_text.T)  # (S, S): B's images against B's captions, fixed
+        row_rest = torch.logsumexp(batch, dim=1)  # (S,) pair j's image over B's captions
+        col_rest = torch.logsumexp(batch, dim=0)  # (S,) pair j's caption over B's images
+        as_row = torch.logaddexp(row_rest, scale * (sim_image @ txt))  # j's image vs our caption
+        as_col = torch.logaddexp(col_rest, scale * (sim_text @ img))  # j's caption vs our image
+        return own - (as_row.sum() + as_col.sum()) / 2, (img, txt, scale)
+
+
 def training_output(output: str) -> ClipMargin:
     """The model output of the training side of ``--output`` (``settings.OUTPUTS``)."""
-    return ClipLoss() if output == "loss" else ClipMargin()
+    return {"loss": ClipLoss, "batch-loss": ClipBatchLoss}.get(output, ClipMargin)()

@@ -30,6 +30,12 @@ class RegularizedScoreComputer(AbstractScoreComputer):
     ``blocks`` (``--estimator modules``: the dimensions of each module's block, in order) makes
     X^T X block-diagonal: ``get_xtx`` returns the diagonal blocks packed one after another
     ((sum k_b^2,) float64) and each block is solved alone, with its own lambda.
+
+    ``normalize="unit"`` (``--normalize unit``) divides each training pair's features by
+    sqrt(x_i^T (X^T X + lambda I)^-1 x_i), the length of its whitened gradient (TrackStar: Chang
+    et al. 2024, arXiv 2410.17413): a pair no longer gains influence on every target by having a
+    large gradient. The targets' side is left as it is (its length scales a validation pair's
+    whole column: no ranking of influencers changes).
     """
 
     def __init__(
@@ -40,8 +46,10 @@ class RegularizedScoreComputer(AbstractScoreComputer):
         lambda_rel: float = 1e-3,
         logging_level: int = logging.INFO,
         blocks: list[int] | None = None,
+        normalize: str = "none",
     ) -> None:
         super().__init__(dtype, device)
+        self.normalize = normalize
         self.lambda_reg = lambda_reg
         self.lambda_rel = lambda_rel
         self.blocks = list(blocks) if blocks else None
@@ -69,9 +77,11 @@ class RegularizedScoreComputer(AbstractScoreComputer):
         return torch.cat(parts)
 
     def get_x_xtx_inv(self, grads: Tensor, xtx: Tensor) -> Tensor:
-        if self.blocks:
-            return self._block_x_xtx_inv(grads, xtx)
-        return self._x_xtx_inv(grads, xtx)
+        solve = self._block_x_xtx_inv if self.blocks else self._x_xtx_inv
+        features = solve(grads, xtx)
+        if self.normalize == "unit":
+            features = unit_normalize(grads, features)
+        return features
 
     def _block_x_xtx_inv(self, grads: Tensor, packed: Tensor) -> Tensor:
         """Each module's X_b (X_b^T X_b + lambda_b I)^-1; the diagnostics summarise the blocks
@@ -145,6 +155,19 @@ class RegularizedScoreComputer(AbstractScoreComputer):
 
     def get_scores(self, features: Tensor, target_grads: Tensor, accumulator: Tensor) -> None:
         accumulator += (features.to(self.device) @ target_grads.to(self.device).T).cpu()
+
+
+def unit_normalize(grads: Tensor, features: Tensor) -> Tensor:
+    """Features phi_i = (X^T X + lambda I)^-1 x_i divided by sqrt(x_i . phi_i), the length of
+    the whitened gradient (float64 sums; a pair whose gradient is zero keeps zero features)."""
+    out = torch.empty_like(features)
+    for start in range(0, grads.shape[0], 20_000):
+        rows = slice(start, start + 20_000)
+        x = grads[rows].to(features.device, torch.float64)
+        phi = features[rows].to(torch.float64)
+        length = (x * phi).sum(1, keepdim=True).clamp_min(0).sqrt()
+        out[rows] = torch.where(length > 0, phi / length.clamp_min(1e-300), 0).to(out.dtype)
+    return out
 
 
 def _column_slices(blocks: list[int]) -> list[slice]:

@@ -40,6 +40,15 @@ OUTPUTS = {
     "targets' (default)",
     "loss": "the pair's own contrastive loss over its simulated batch at the model's "
     "temperature: the gradient training follows (no out-to-loss weight)",
+    "batch-loss": "the loss with the pair's second role: its own loss plus its part as a "
+    "negative in the losses of its simulated batch's pairs (ECIF), the whole gradient a batch "
+    "takes through it",
+}
+# --normalize: what is done to each training pair's features after the solve
+NORMALIZATIONS = {
+    "none": "TRAK's features as solved (default)",
+    "unit": "each training pair's features divided by the length of its whitened gradient "
+    "(TrackStar's unit normalisation): large-gradient pairs no longer lead every list",
 }
 DEFAULT_MODULE_DIM = 256  # --module-dim: each module's dimensions under --estimator modules
 
@@ -70,6 +79,7 @@ class BuildConfig:
     estimator: str = "trak"  # how projected gradients become features, see ESTIMATORS
     output: str = "margin"  # the training side's model output, see OUTPUTS
     module_dim: int = 0  # --estimator modules: dimensions per module; 0 = DEFAULT_MODULE_DIM
+    normalize: str = "none"  # the training pairs' features after the solve, see NORMALIZATIONS
 
 
 # What a run keeps of its (n_train, n_val) scores; both keep the top-k of every validation
@@ -84,9 +94,10 @@ DENSE_MAX_SCORES = 2**28
 
 def estimator_label(cfg: BuildConfig) -> str:
     """How a run's scores were estimated, in a few words: ``trak``, ``modules (256 per module),
-    output loss``."""
+    output loss``, ``trak, unit-normalised``."""
     name = cfg.estimator + (f" ({cfg.module_dim} per module)" if cfg.estimator == "modules" else "")
-    return name + (f", output {cfg.output}" if cfg.output != "margin" else "")
+    name += f", output {cfg.output}" if cfg.output != "margin" else ""
+    return name + (f", {cfg.normalize}-normalised" if cfg.normalize != "none" else "")
 
 
 # Settings that do not change a run's results: a resume may change them.
@@ -142,6 +153,10 @@ def resolve(
         )
     if cfg.output not in OUTPUTS:
         raise ConfigError(f"--output must be one of {', '.join(OUTPUTS)}, got {cfg.output!r}")
+    if cfg.normalize not in NORMALIZATIONS:
+        raise ConfigError(
+            f"--normalize must be one of {', '.join(NORMALIZATIONS)}, got {cfg.normalize!r}"
+        )
     if cfg.module_dim < 0 or (cfg.module_dim and cfg.estimator != "modules"):
         raise ConfigError(
             f"--module-dim is the dimensions per module of --estimator modules (0: "

@@ -15,6 +15,7 @@ import typer
 from engine.attribution.settings import (
     DEFAULT_MODULE_DIM,
     ESTIMATORS,
+    NORMALIZATIONS,
     OUTPUTS,
     PROJECTORS,
     SCORE_FORMS,
@@ -318,6 +319,12 @@ def build(
             "run keeps the sum over modules per pair and checkpoint."
         ),
     ] = 0,
+    normalize: Annotated[
+        str,
+        typer.Option(
+            help="The training pairs' features after the solve: " + _choices(NORMALIZATIONS) + "."
+        ),
+    ] = "none",
     overwrite: Annotated[
         bool, typer.Option(help="Start the run again if OUT holds one with other settings.")
     ] = False,
@@ -384,6 +391,7 @@ def build(
         estimator=estimator,
         output=output,
         module_dim=module_dim,
+        normalize=normalize,
     )
     run = build_run(
         train_pairs,

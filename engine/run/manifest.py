@@ -141,7 +141,8 @@ def summary(manifest: Manifest) -> str:
         f"pairs        {counts.n_train} train, {counts.n_val} val",
         f"estimator    {cfg.estimator}"
         + (f" ({cfg.module_dim} dimensions per module)" if cfg.estimator == "modules" else "")
-        + f", training output {cfg.output}",
+        + f", training output {cfg.output}"
+        + (f", {cfg.normalize}-normalised features" if cfg.normalize != "none" else ""),
         f"TRAK         proj_dim {counts.proj_dim}, grad params {cfg.grad_params}, "
         f"simulated batch {cfg.sim_batch_size}, device {cfg.device}",
         f"scores       {cfg.scores}: top {cfg.topk} per validation pair and sign"

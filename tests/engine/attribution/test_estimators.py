@@ -1,5 +1,6 @@
-"""The estimators of ``--estimator`` and ``--output``: the block-diagonal (per-module) solve
-against the joint one, the loss output against cross-entropy, and whole builds on the small world:
+"""The estimators of ``--estimator``, ``--output`` and ``--normalize``: the block-diagonal
+(per-module) solve against the joint one, the loss output against cross-entropy, unit
+normalisation against the whitened gradient's length, and whole builds on the small world:
 deterministic, resumable, recorded, and reproduced by a new query."""
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from engine.assemble.orchestrate import build
-from engine.attribution.margin import ClipLoss, ClipMargin
+from engine.attribution.margin import ClipBatchLoss, ClipLoss, ClipMargin
 from engine.attribution.projection import module_groups, module_of
 from engine.attribution.scoring import RegularizedScoreComputer
-from engine.attribution.settings import BuildConfig, resolve
+from engine.attribution.settings import BuildConfig, estimator_label, resolve
 from engine.data.images import open_image
 from engine.errors import ConfigError
 from engine.explore.query import QueryEngine
@@ -23,9 +24,37 @@ from engine.run.layout import RunLayout
 from engine.run.manifest import open_manifest, summary
 
 
-def _features(x: torch.Tensor, blocks=None, lambda_rel=1e-3) -> torch.Tensor:
-    scorer = RegularizedScoreComputer(torch.float32, "cpu", lambda_rel=lambda_rel, blocks=blocks)
+def _features(x: torch.Tensor, blocks=None, lambda_rel=1e-3, normalize="none") -> torch.Tensor:
+    scorer = RegularizedScoreComputer(
+        torch.float32, "cpu", lambda_rel=lambda_rel, blocks=blocks, normalize=normalize
+    )
     return scorer.get_x_xtx_inv(x, scorer.get_xtx(x))
+
+
+def test_unit_normalisation_divides_by_the_whitened_gradients_length():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(400, 12, generator=g) * torch.linspace(0.1, 5, 400)[:, None]  # lengths vary
+    x[5] = 0  # a pair whose gradient is zero keeps zero features
+    plain = _features(x, lambda_rel=0.01).double()
+    unit = _features(x, lambda_rel=0.01, normalize="unit").double()
+    xd = x.double()
+    r = xd.T @ xd + 0.01 * torch.trace(xd.T @ xd) / 12 * torch.eye(12, dtype=torch.float64)
+    whitened = (xd * torch.linalg.solve(r, xd.T).T).sum(1).sqrt()  # |R^-1/2 x_i|
+    keep = whitened > 0
+    np.testing.assert_allclose(unit[keep], plain[keep] / whitened[keep, None], rtol=1e-4)
+    assert torch.all(unit[5] == 0) and torch.isfinite(unit).all()
+    # every training pair's whitened features have length 1: phi^T R phi = 1
+    np.testing.assert_allclose(((unit @ r) * unit).sum(1)[keep], 1.0, rtol=1e-4)
+    # a target's ranking changes: the long gradients no longer lead it
+    target = torch.randn(12, generator=g).double()
+    top_plain = torch.argsort(-(plain @ target))[:20]
+    top_unit = torch.argsort(-(unit @ target))[:20]
+    assert top_plain.float().mean() > top_unit.float().mean() + 50
+    # per module: each block solved alone, then one length over every block
+    blocked = _features(x, [8, 4], lambda_rel=0.01, normalize="unit").double()
+    raw = _features(x, [8, 4], lambda_rel=0.01).double()
+    length = (xd * raw).sum(1).sqrt()
+    np.testing.assert_allclose(blocked[keep], raw[keep] / length[keep, None], rtol=1e-4)
 
 
 def test_one_module_is_the_joint_solve():
@@ -99,6 +128,44 @@ def test_loss_output_is_minus_the_pairs_cross_entropy():
     ) != float(out)
 
 
+def test_batch_loss_gradient_is_the_batch_losss_gradient_through_the_pair():
+    """``--output batch-loss``: its gradient is that of the whole contrastive loss (open_clip's,
+    times 2 x the batch size) of a batch made of the pair and its simulated batch, the other
+    pairs' embeddings held fixed; the loss output's is only the pair's own term."""
+    bundle = create("trakview-tiny")
+    model = bundle.model.eval()
+    g = torch.Generator().manual_seed(4)
+    image = torch.randn(3, 32, 32, generator=g)
+    text = bundle.tokenizer(["a small red circle"])[0]
+    sim_image = F.normalize(torch.randn(6, 64, generator=g), dim=-1)
+    sim_text = F.normalize(torch.randn(6, 64, generator=g), dim=-1)
+    params = {n: p.detach().requires_grad_() for n, p in model.named_parameters()}
+    buffers = {n: b for n, b in model.named_buffers()}
+    names = ["visual.proj", "text_projection"]
+
+    def grads(out: torch.Tensor) -> list[torch.Tensor]:
+        return torch.autograd.grad(out, [params[n] for n in names])
+
+    inputs = (model, params, buffers, image, text, sim_image, sim_text)
+    got = grads(ClipBatchLoss().get_output(*inputs))
+    own = grads(ClipLoss().get_output(*inputs))
+    img, txt, scale = torch.func.functional_call(
+        model, (params, buffers), (image[None], text[None])
+    )
+    img, txt, scale = img, txt, scale
+    images = torch.cat([img, sim_image])  # (7, d): the pair first, then its batch
+    texts = torch.cat([txt, sim_text])
+    logits = scale.detach() * images @ texts.T  # the batch's own terms: constants
+    logits[0] = scale * (img @ texts.T)[0]
+    logits[:, 0] = scale * (images @ txt.T)[:, 0]
+    labels = torch.arange(7)
+    batch = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    want = grads(-batch * 7)
+    for a, b, c in zip(got, want, own, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6)
+        assert not np.allclose(a.numpy(), c.numpy(), rtol=1e-2)
+
+
 def test_settings_are_checked():
     cfg = BuildConfig(checkpoints=["x.pt"])
     assert resolve(BuildConfig(checkpoints=["x.pt"], estimator="modules"), 1000).module_dim == 256
@@ -106,6 +173,8 @@ def test_settings_are_checked():
         resolve(BuildConfig(checkpoints=["x.pt"], estimator="ekf"), 1000)
     with pytest.raises(ConfigError, match="--output must be one of margin, loss"):
         resolve(BuildConfig(checkpoints=["x.pt"], output="logits"), 1000)
+    with pytest.raises(ConfigError, match="--normalize must be one of none, unit, got 'l2'"):
+        resolve(BuildConfig(checkpoints=["x.pt"], normalize="l2"), 1000)
     with pytest.raises(ConfigError, match="--module-dim is the dimensions per module"):
         resolve(BuildConfig(checkpoints=["x.pt"], module_dim=64), 1000)
     assert resolve(cfg, 1000).estimator == "trak" and resolve(cfg, 1000).module_dim == 0
@@ -117,8 +186,9 @@ def module_run(tmp_path_factory, pairs, checkpoints):
     cfg = BuildConfig(
         checkpoints=[str(p) for p in checkpoints],
         estimator="modules",
-        output="loss",
+        output="batch-loss",
         module_dim=24,
+        normalize="unit",
         topk=20,
     )
     return build(*pairs, cfg, out), cfg
@@ -137,9 +207,14 @@ def test_modules_run_is_deterministic_resumable_recorded_and_queried(module_run,
     layout.manifest.unlink()
     np.testing.assert_array_equal(np.load(build(*pairs, cfg, again) / "scores.npy"), scores)
     manifest = open_manifest(run)
-    assert manifest.config.estimator == "modules" and manifest.config.output == "loss"
-    assert "estimator    modules (24 dimensions per module), training output loss" in summary(
-        manifest
+    assert manifest.config.estimator == "modules" and manifest.config.output == "batch-loss"
+    assert manifest.config.normalize == "unit"
+    assert (
+        "estimator    modules (24 dimensions per module), training output batch-loss, "
+        "unit-normalised features" in summary(manifest)
+    )
+    assert estimator_label(manifest.config) == (
+        "modules (24 per module), output batch-loss, unit-normalised"
     )
     k = manifest.counts.proj_dim
     assert np.load(RunLayout(run).trak_features(0), mmap_mode="r").shape[1] == k

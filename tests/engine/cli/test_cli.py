@@ -30,6 +30,29 @@ def test_every_command_documents_its_flags_with_defaults(command):
         assert "[default:" in result.output
 
 
+def test_build_help_lists_every_choice_of_the_tables_the_code_reads():
+    from engine.attribution.settings import (
+        ESTIMATORS,
+        NORMALIZATIONS,
+        OUTPUTS,
+        PROJECTORS,
+        SCORE_FORMS,
+    )
+
+    result = CliRunner().invoke(app, ["build", "--help"], env={"COLUMNS": "200"})
+    said = " ".join(result.output.replace("│", " ").split())
+    for flag, table in (
+        ("--projector", PROJECTORS),
+        ("--estimator", ESTIMATORS),
+        ("--output", OUTPUTS),
+        ("--normalize", NORMALIZATIONS),
+        ("--scores", SCORE_FORMS),
+    ):
+        assert flag in said
+        for choice in table:
+            assert f"{choice} (" in said or f"{choice}:" in said, (flag, choice)
+
+
 def test_errors_are_one_line(tmp_path):
     result = trakview("info", str(tmp_path / "nope"))
     assert result.returncode == 2
