@@ -4,7 +4,8 @@ fine-tuning trajectory, scored against one run's own ``eval lds`` models.
     trakview train --train-data DATA --out TRAJ --init BASE.pt ... --save-epochs 1,2,3,5,10
     trakview build --train-data DATA --val-data VAL --checkpoints-dir TRAJ --epochs all --out TRAJRUN
     trakview build --train-data DATA --val-data VAL --checkpoint BASE.pt --out BASERUN
-    python bench/bench_checkpoints.py --run RUN --trajectory TRAJRUN [--base BASERUN] [--name demo]
+    python bench/bench_checkpoints.py --run RUN --trajectory TRAJRUN [--base BASERUN] \
+        [--builds OTHER ...] [--name demo]
 
 RUN is the run whose LDS models score every choice (``trakview eval lds RUN`` first); TRAJRUN is a
 build of the same training and validation pairs at every saved epoch of the same members (the
@@ -13,7 +14,8 @@ ensemble over those checkpoints of every member (features times targets, average
 out-to-loss weight, as the build does); its cost is the build's per-checkpoint stage seconds,
 summed. With ``--base`` (a build at the base model the members were fine-tuned from), base-model
 debiasing (DDA, arXiv 2410.01285: the fine-tuned ensemble's scores minus the base model's, the
-base's scaled to the same spread) and the base's scores alone.
+base's scaled to the same spread) and the base's scores alone. ``--builds``: other builds of the
+same pairs (another estimator on early epochs, say), scored in the same table.
 """
 
 from __future__ import annotations
@@ -25,10 +27,13 @@ from pathlib import Path
 import numpy as np
 
 from bench_common import arguments, machine, md_table, write_section
+from engine.attribution.settings import estimator_label
 from engine.evaluate import stats
 from engine.evaluate.lds import load_lds_cache
+from engine.evaluate.methods import TrakScores
 from engine.files import read_jsonl
 from engine.run.layout import RunLayout
+from engine.run.manifest import open_manifest
 
 CHOICES = (
     (5, 10, 15),
@@ -63,6 +68,13 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True, help="a run with `eval lds` done")
     parser.add_argument("--trajectory", type=Path, required=True, help="the build at every epoch")
     parser.add_argument("--base", type=Path, help="a build at the base model (debiasing rows)")
+    parser.add_argument(
+        "--builds",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="other builds of the same pairs scored in the same table (named by their settings)",
+    )
     parser.add_argument("--name", default="demo")
     parser.add_argument("--bootstrap", type=int, default=1000)
     args = parser.parse_args()
@@ -110,6 +122,18 @@ def main() -> None:
             rows[name] = (len(picked) + 1, cost)
         predictions["the base alone"] = stats.subset_predictions(base_scores, masks)
         rows["the base alone"] = (1, _checkpoint_seconds(args.base.resolve(), 0))
+    for other in args.builds:
+        other = other.resolve()
+        manifest = open_manifest(other)
+        cfg = manifest.config
+        name = (
+            f"epochs {', '.join(map(str, sorted(set(_epochs(other)))))}: {estimator_label(cfg)}, "
+            f"proj {manifest.counts.proj_dim}, lambda {cfg.lambda_rel:g}"
+            + (f", simulated batch {cfg.sim_batch_size}" if cfg.sim_batch_size != 256 else "")
+        )
+        predictions[name] = TrakScores(other).predict(masks)
+        cost = sum(_checkpoint_seconds(other, m) for m in range(manifest.counts.n_checkpoints))
+        rows[name] = (manifest.counts.n_checkpoints, cost)
     result = stats.bootstrap_lds(predictions, outputs, args.bootstrap, 0, 0.95, reference)
     ref_s = rows[reference][1]
     table = []
