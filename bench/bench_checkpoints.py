@@ -20,7 +20,6 @@ same pairs (another estimator on early epochs, say), scored in the same table.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -51,15 +50,14 @@ CHOICES = (
 
 
 def _epochs(run: Path) -> list[int]:
-    checkpoints = json.loads((run / "manifest.json").read_text())["checkpoints"]
-    found = [re.search(r"epoch_(\d+)", c["path"]) for c in checkpoints]
+    found = [re.search(r"epoch_(\d+)", c.path) for c in open_manifest(run).checkpoints]
     if not all(found):
         raise SystemExit(f"{run}: every checkpoint must be named epoch_N.pt")
     return [int(f.group(1)) for f in found]
 
 
 def _checkpoint_seconds(run: Path, m: int) -> float:
-    stages = json.loads((run / "manifest.json").read_text())["timings_seconds"]
+    stages = open_manifest(run).timings_seconds
     return sum(v for k, v in stages.items() if k.endswith(f"-{m}") and isinstance(v, (int, float)))
 
 
@@ -80,8 +78,8 @@ def main() -> None:
     args = parser.parse_args()
     run, traj = args.run.resolve(), args.trajectory.resolve()
     masks, outputs = load_lds_cache(run)
-    if [r["id"] for r in read_jsonl(run / "train.jsonl")] != [
-        r["id"] for r in read_jsonl(traj / "train.jsonl")
+    if [r["id"] for r in read_jsonl(RunLayout(run).pairs("train"))] != [
+        r["id"] for r in read_jsonl(RunLayout(traj).pairs("train"))
     ]:
         raise SystemExit("the trajectory's build must hold the run's training pairs, in order")
     epochs = _epochs(traj)

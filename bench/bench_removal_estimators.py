@@ -20,6 +20,7 @@ import numpy as np
 from bench_common import arguments, machine, md_table, write_section
 from engine import files
 from engine.attribution.settings import estimator_label
+from engine.run.layout import RunLayout
 from engine.run.manifest import open_manifest
 
 
@@ -45,7 +46,7 @@ def main() -> None:
     parser.add_argument("--name", default="demo")
     parser.add_argument("--bootstrap", type=int, default=2000)
     args = parser.parse_args()
-    results = [files.read_json(r.resolve() / "eval" / "remove.json") for r in args.runs]
+    results = [files.read_json(RunLayout(r.resolve()).removal_result) for r in args.runs]
     first = results[0]
     ks = first["settings"]["ks"]
     targets = sorted(first["targets"])

@@ -11,6 +11,34 @@ from typing import Annotated, Any
 
 import typer
 
+from engine.attribution.settings import DEFAULT_MODULE_DIM, ESTIMATORS, NORMALIZATIONS, OUTPUTS
+
+
+def choices(table: dict[str, str]) -> str:
+    """A flag's choices as its --help lists them: the table the code reads."""
+    return "; ".join(f"{k} ({v})" for k, v in table.items())
+
+
+# build's estimator flags (the tables: engine.attribution.settings, light to import)
+Estimator = Annotated[
+    str, typer.Option(help="How gradients become scores: " + choices(ESTIMATORS) + ".")
+]
+Output = Annotated[
+    str, typer.Option(help="The training side's model output: " + choices(OUTPUTS) + ".")
+]
+ModuleDim = Annotated[
+    int,
+    typer.Option(
+        help=f"--estimator modules: dimensions per module (0 = {DEFAULT_MODULE_DIM}); the "
+        "run keeps the sum over modules per pair and checkpoint."
+    ),
+]
+Normalize = Annotated[
+    str,
+    typer.Option(
+        help="The training pairs' features after the solve: " + choices(NORMALIZATIONS) + "."
+    ),
+]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")]
 RunArg = Annotated[Path, typer.Argument(help="A run directory (trakview build / demo).")]
 

@@ -12,25 +12,22 @@ from typing import Annotated
 
 import typer
 
-from engine.attribution.settings import (
-    DEFAULT_MODULE_DIM,
-    ESTIMATORS,
-    NORMALIZATIONS,
-    OUTPUTS,
-    PROJECTORS,
-    SCORE_FORMS,
-)
+from engine.attribution.settings import PROJECTORS, SCORE_FORMS
 from engine.cli import inputs
 from engine.cli.explore import serve
 from engine.cli.options import (
     CaptionKey,
     CocoCaptions,
     ConfigFile,
+    Estimator,
     Format,
     IdKey,
     ImageRoot,
     ImgKey,
     Jobs,
+    ModuleDim,
+    Normalize,
+    Output,
     Separator,
     SplitSeed,
     Strict,
@@ -39,17 +36,13 @@ from engine.cli.options import (
     ValFraction,
     Verbose,
     Workers,
+    choices,
     setup_logging,
 )
 from engine.data.failures import FAILURES
 
 log = logging.getLogger("engine")
 _FAILURE_HELP = "; ".join(f"{k} ({v})" for k, v in FAILURES.items())
-
-
-def _choices(table: dict[str, str]) -> str:
-    """A flag's choices as its --help lists them: the table the code reads."""
-    return "; ".join(f"{k} ({v})" for k, v in table.items())
 
 
 def demo(
@@ -290,7 +283,7 @@ def build(
         str,
         typer.Option(
             help="Scores kept: "
-            + _choices(SCORE_FORMS)
+            + choices(SCORE_FORMS)
             + "; auto: dense up to 2^28 scores, else topk."
         ),
     ] = "auto",
@@ -301,30 +294,14 @@ def build(
         str,
         typer.Option(
             help="JL projection of the gradients: "
-            + _choices(PROJECTORS)
+            + choices(PROJECTORS)
             + "; auto = gaussian on CUDA with fast_jl, else sketch."
         ),
     ] = "auto",
-    estimator: Annotated[
-        str, typer.Option(help="How gradients become scores: " + _choices(ESTIMATORS) + ".")
-    ] = "trak",
-    output: Annotated[
-        str,
-        typer.Option(help="The training side's model output: " + _choices(OUTPUTS) + "."),
-    ] = "margin",
-    module_dim: Annotated[
-        int,
-        typer.Option(
-            help=f"--estimator modules: dimensions per module (0 = {DEFAULT_MODULE_DIM}); the "
-            "run keeps the sum over modules per pair and checkpoint."
-        ),
-    ] = 0,
-    normalize: Annotated[
-        str,
-        typer.Option(
-            help="The training pairs' features after the solve: " + _choices(NORMALIZATIONS) + "."
-        ),
-    ] = "none",
+    estimator: Estimator = "trak",
+    output: Output = "margin",
+    module_dim: ModuleDim = 0,
+    normalize: Normalize = "none",
     overwrite: Annotated[
         bool, typer.Option(help="Start the run again if OUT holds one with other settings.")
     ] = False,
