@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_estimators import QUERY  # a new query's median seconds, engine loaded
+
 from bench_common import arguments, machine, md_table, run_child, write_section
 
 SETTINGS = {
@@ -36,18 +38,6 @@ SETTINGS = {
         ["--output", "batch-loss", "--proj-dim", "4096", "--lambda-rel", "1"],
     ),
 }
-
-QUERY = """
-import statistics, sys, time
-from engine.explore.query import QueryEngine
-from engine.data.images import open_image
-eng = QueryEngine.load(sys.argv[2]); eng.warm()
-times = []
-for rec in eng.val[:6]:
-    t0 = time.perf_counter(); eng.query(open_image(str(eng.run / rec["image"])), rec["caption"], k=10)
-    times.append(time.perf_counter() - t0)
-result["query_s"] = statistics.median(times[1:])
-"""
 
 
 def _build(args, epochs: str, flags: list[str], out: Path) -> dict[str, float]:
