@@ -56,8 +56,8 @@ def _epochs(run: Path) -> list[int]:
     return [int(f.group(1)) for f in found]
 
 
-def _checkpoint_seconds(run: Path, m: int) -> float:
-    stages = open_manifest(run).timings_seconds
+def _checkpoint_seconds(stages: dict[str, float | None], m: int) -> float:
+    """Checkpoint m's stage seconds among a manifest's ``timings_seconds``."""
     return sum(v for k, v in stages.items() if k.endswith(f"-{m}") and isinstance(v, (int, float)))
 
 
@@ -84,21 +84,23 @@ def main() -> None:
         raise SystemExit("the trajectory's build must hold the run's training pairs, in order")
     epochs = _epochs(traj)
     layout = RunLayout(traj)
+    stages = open_manifest(traj).timings_seconds
     scores, weights, seconds = {}, {}, {}
     for m in range(len(epochs)):
         features = np.load(layout.trak_features(m), mmap_mode="r").astype(np.float64)
         targets = np.load(layout.trak_target_grads(m), mmap_mode="r").astype(np.float64)
         scores[m] = features @ targets.T
         weights[m] = np.load(layout.trak_out_to_loss(m))[:, 0].astype(np.float64)
-        seconds[m] = _checkpoint_seconds(traj, m)
-    predictions, rows = {}, {}
+        seconds[m] = _checkpoint_seconds(stages, m)
+    predictions, rows, ensembles = {}, {}, {}
     for choice in CHOICES:
         picked = [m for m, e in enumerate(epochs) if e in choice]
         if not picked:
             continue
         ensemble = np.mean([scores[m] for m in picked], 0)
-        ensemble *= np.mean([weights[m] for m in picked], 0)[:, None]
+        ensemble *= np.mean([weights[m] for m in picked], 0)[:, None]  # as the build does
         name = "epochs " + ", ".join(map(str, choice))
+        ensembles[name] = ensemble
         predictions[name] = stats.subset_predictions(ensemble, masks)
         rows[name] = (len(picked), sum(seconds[m] for m in picked))
     reference = "epochs 5, 10, 15"
@@ -107,19 +109,18 @@ def main() -> None:
         features = np.load(base.trak_features(0)).astype(np.float64)
         base_scores = features @ np.load(base.trak_target_grads(0)).astype(np.float64).T
         base_scores *= np.load(base.trak_out_to_loss(0))[:, 0].astype(np.float64)[:, None]
-        picked = [m for m, e in enumerate(epochs) if e in (5, 10, 15)]
-        ensemble = np.mean([scores[m] for m in picked], 0)
-        ensemble *= np.mean([weights[m] for m in picked], 0)[:, None]
+        ensemble = ensembles[reference]
         scale = ensemble.std() / base_scores.std()
-        cost = rows[reference][1] + _checkpoint_seconds(args.base.resolve(), 0)
+        base_seconds = _checkpoint_seconds(open_manifest(args.base.resolve()).timings_seconds, 0)
+        cost = rows[reference][1] + base_seconds
         for beta in (0.25, 0.5, 1.0):
             name = f"epochs 5, 10, 15 minus the base x{beta:g} (DDA)"
             predictions[name] = stats.subset_predictions(
                 ensemble - beta * scale * base_scores, masks
             )
-            rows[name] = (len(picked) + 1, cost)
+            rows[name] = (rows[reference][0] + 1, cost)
         predictions["the base alone"] = stats.subset_predictions(base_scores, masks)
-        rows["the base alone"] = (1, _checkpoint_seconds(args.base.resolve(), 0))
+        rows["the base alone"] = (1, base_seconds)
     for other in args.builds:
         other = other.resolve()
         manifest = open_manifest(other)
@@ -130,7 +131,8 @@ def main() -> None:
             + (f", simulated batch {cfg.sim_batch_size}" if cfg.sim_batch_size != 256 else "")
         )
         predictions[name] = TrakScores(other).predict(masks)
-        cost = sum(_checkpoint_seconds(other, m) for m in range(manifest.counts.n_checkpoints))
+        n_models = manifest.counts.n_checkpoints
+        cost = sum(_checkpoint_seconds(manifest.timings_seconds, m) for m in range(n_models))
         rows[name] = (manifest.counts.n_checkpoints, cost)
     result = stats.bootstrap_lds(predictions, outputs, args.bootstrap, 0, 0.95, reference)
     ref_s = rows[reference][1]

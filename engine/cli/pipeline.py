@@ -42,7 +42,6 @@ from engine.cli.options import (
 from engine.data.failures import FAILURES
 
 log = logging.getLogger("engine")
-_FAILURE_HELP = "; ".join(f"{k} ({v})" for k, v in FAILURES.items())
 
 
 def demo(
@@ -74,7 +73,7 @@ def demo(
     ] = 15,
     seed: Annotated[int, typer.Option(help="Seed of the world, training and attribution.")] = 0,
     failure: Annotated[
-        str, typer.Option(help=f"Planted systematic failure: {_FAILURE_HELP}.")
+        str, typer.Option(help=f"Planted systematic failure: {choices(FAILURES)}.")
     ] = "watermark",
     verbose: Verbose = False,
 ) -> None:

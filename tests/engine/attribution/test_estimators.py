@@ -104,16 +104,23 @@ def test_modules_are_named_by_their_owner():
     assert sum(len(v) for v in groups.values()) == len(list(model.parameters()))
 
 
-def test_loss_output_is_minus_the_pairs_cross_entropy():
+def _one_pair(seed: int, batch: int, grad: bool = False) -> tuple:
+    """The tiny model (eval), its parameters and buffers, one image and caption, and a simulated
+    batch of ``batch`` unit image and text embeddings."""
     bundle = create("trakview-tiny")
     model = bundle.model.eval()
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator().manual_seed(seed)
     image = torch.randn(3, 32, 32, generator=g)
     text = bundle.tokenizer(["a small red circle"])[0]
-    sim_image = F.normalize(torch.randn(5, 64, generator=g), dim=-1)
-    sim_text = F.normalize(torch.randn(5, 64, generator=g), dim=-1)
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    buffers = {n: b for n, b in model.named_buffers()}
+    sim_image = F.normalize(torch.randn(batch, 64, generator=g), dim=-1)
+    sim_text = F.normalize(torch.randn(batch, 64, generator=g), dim=-1)
+    params = {n: p.detach().requires_grad_(grad) for n, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+    return model, params, buffers, image, text, sim_image, sim_text
+
+
+def test_loss_output_is_minus_the_pairs_cross_entropy():
+    model, params, buffers, image, text, sim_image, sim_text = _one_pair(3, 5)
     with torch.no_grad():
         out = ClipLoss().get_output(model, params, buffers, image, text, sim_image, sim_text)
         img, txt, scale = model(image[None], text[None])[:3]
@@ -132,27 +139,18 @@ def test_batch_loss_gradient_is_the_batch_losss_gradient_through_the_pair():
     """``--output batch-loss``: its gradient is that of the whole contrastive loss (open_clip's,
     times 2 x the batch size) of a batch made of the pair and its simulated batch, the other
     pairs' embeddings held fixed; the loss output's is only the pair's own term."""
-    bundle = create("trakview-tiny")
-    model = bundle.model.eval()
-    g = torch.Generator().manual_seed(4)
-    image = torch.randn(3, 32, 32, generator=g)
-    text = bundle.tokenizer(["a small red circle"])[0]
-    sim_image = F.normalize(torch.randn(6, 64, generator=g), dim=-1)
-    sim_text = F.normalize(torch.randn(6, 64, generator=g), dim=-1)
-    params = {n: p.detach().requires_grad_() for n, p in model.named_parameters()}
-    buffers = {n: b for n, b in model.named_buffers()}
+    inputs = _one_pair(4, 6, grad=True)
+    model, params, buffers, image, text, sim_image, sim_text = inputs
     names = ["visual.proj", "text_projection"]
 
     def grads(out: torch.Tensor) -> list[torch.Tensor]:
         return torch.autograd.grad(out, [params[n] for n in names])
 
-    inputs = (model, params, buffers, image, text, sim_image, sim_text)
     got = grads(ClipBatchLoss().get_output(*inputs))
     own = grads(ClipLoss().get_output(*inputs))
     img, txt, scale = torch.func.functional_call(
         model, (params, buffers), (image[None], text[None])
     )
-    img, txt, scale = img, txt, scale
     images = torch.cat([img, sim_image])  # (7, d): the pair first, then its batch
     texts = torch.cat([txt, sim_text])
     logits = scale.detach() * images @ texts.T  # the batch's own terms: constants
